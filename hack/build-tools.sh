@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Builds the local cluster's tools from pinned sources into a cache keyed by the pins.
+# A warm cache makes this a no-op. Usage: hack/build-tools.sh [--print-bin-dir]
+set -euo pipefail
+
+HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+TOOLS_DIR="$HACK_DIR/tools"
+PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
+
+pins_hash() {
+  # Everything that changes what gets built changes the cache directory.
+  cat "$TOOLS_DIR"/*/go.mod "$TOOLS_DIR"/*/go.sum "$0" | sha256sum | cut -c1-16
+}
+
+CACHE_ROOT="${FINETUNE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/tools}"
+BIN_DIR="$CACHE_ROOT/$(pins_hash)/bin"
+
+if [[ "${1:-}" == "--print-bin-dir" ]]; then
+  echo "$BIN_DIR"
+  exit 0
+fi
+
+module_version() {  # module_version <tools subdir> <module path>
+  (cd "$TOOLS_DIR/$1" && go list -m -f '{{.Version}}' "$2")
+}
+
+timed() {  # timed <label> <command...>
+  local label="$1" start end
+  shift
+  start=$(date +%s)
+  echo "==> building $label"
+  "$@"
+  end=$(date +%s)
+  echo "    $label built in $((end - start))s"
+}
+
+build_kubernetes() {
+  local version minor
+  version="$(module_version kubernetes k8s.io/kubernetes)"
+  minor="$(echo "$version" | cut -d. -f2)"
+  # /version must report the real release: Helm and kubectl check it.
+  local ldflags="-s -w"
+  ldflags+=" -X k8s.io/component-base/version.gitVersion=$version"
+  ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
+  ldflags+=" -X k8s.io/component-base/version.gitMinor=$minor"
+  ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+  ldflags+=" -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$version"
+  (cd "$TOOLS_DIR/kubernetes" && go build -trimpath -ldflags "$ldflags" -o "$BIN_DIR/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+}
+
+build_etcd() {
+  (cd "$TOOLS_DIR/etcd" && go build -trimpath -ldflags "-s -w" -o "$BIN_DIR/etcd" go.etcd.io/etcd/server/v3)
+}
+
+build_helm() {
+  local version
+  version="$(module_version helm helm.sh/helm/v3)"
+  (cd "$TOOLS_DIR/helm" && go build -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$version" \
+    -o "$BIN_DIR/helm" helm.sh/helm/v3/cmd/helm)
+}
+
+build_versitygw() {
+  (cd "$TOOLS_DIR/versitygw" && go build -trimpath -ldflags "-s -w" -o "$BIN_DIR/versitygw" \
+    github.com/versity/versitygw/cmd/versitygw)
+}
+
+fetch_prometheus() {
+  # Debian's package, unpacked into the cache: no root, no system service.
+  local work
+  work="$(mktemp -d)"
+  (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1 \
+    || apt-get download prometheus >/dev/null)
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
+  cp "$work/root/usr/bin/prometheus" "$work/root/usr/bin/promtool" "$BIN_DIR/"
+  rm -rf "$work"
+}
+
+need() {  # need <binary...>: true when any is missing
+  local b
+  for b in "$@"; do [[ -x "$BIN_DIR/$b" ]] || return 0; done
+  return 1
+}
+
+command -v go >/dev/null || { echo "error: go is not on PATH; install Go 1.25+ first" >&2; exit 1; }
+mkdir -p "$BIN_DIR"
+total_start=$(date +%s)
+built=0
+if need kube-apiserver kube-controller-manager kube-scheduler kubectl; then timed kubernetes build_kubernetes; built=1; fi
+if need etcd; then timed etcd build_etcd; built=1; fi
+if need helm; then timed helm build_helm; built=1; fi
+if need versitygw; then timed versitygw build_versitygw; built=1; fi
+if need prometheus promtool; then timed prometheus fetch_prometheus; built=1; fi
+
+if [[ $built == 0 ]]; then
+  echo "tools up to date in $BIN_DIR"
+else
+  echo "tools ready in $BIN_DIR (total $(( $(date +%s) - total_start ))s)"
+fi

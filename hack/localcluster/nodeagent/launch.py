@@ -1,0 +1,64 @@
+"""Runs inside a fresh mount and UTS namespace (under `unshare`): bind-mounts the pod's
+volumes at their mount paths, sets the pod's hostname, then execs the container command.
+
+Product code therefore finds its service-account token, config files and secrets at the
+paths Kubernetes uses, with no special branch for this harness."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+_MS_RDONLY = 1
+_MS_REMOUNT = 32
+_MS_BIND = 4096
+_MS_REC = 16384
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
+
+
+def _prepare_target(source: Path, target: Path) -> None:
+    if source.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.touch()
+
+
+def bind(source: str, target: str, read_only: bool) -> None:
+    _prepare_target(Path(source), Path(target))
+    _mount(source, target, _MS_BIND | _MS_REC)
+    if read_only:
+        _mount(source, target, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    for mount in spec["mounts"]:
+        bind(mount["source"], mount["target"], mount["readOnly"])
+    socket.sethostname(spec["hostname"])
+    os.chdir(spec["workingDir"])
+    argv: list[str] = spec["argv"]
+    env: dict[str, str] = spec["env"]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        # Kubernetes reports this as a container that could not start (exit 127/126).
+        print(f"exec {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+
+
+if __name__ == "__main__":
+    main()
