@@ -124,9 +124,10 @@ class LocalCluster:
         env[processes.RUN_MARKER] = self.run_id
         return env
 
-    def _start(self, name: str, argv: list[str], cwd: Path | None = None) -> Component:
+    def _start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Component:
         argv = self._tie(argv)
-        component = processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", self._env(), cwd)
+        env = self._env() | (extra_env or {})
+        component = processes.start(name, argv, self.run_dir / "logs" / f"{name}.log", env)
         self.components.append(component)
         return component
 
@@ -290,18 +291,10 @@ class LocalCluster:
         # Fresh credentials per run: nothing secret is shared between runs.
         info.s3_access_key = "lc" + secrets.token_hex(8)
         info.s3_secret_key = secrets.token_urlsafe(24)
-        argv = [
-            str(binary),
-            "--access",
-            info.s3_access_key,
-            "--secret",
-            info.s3_secret_key,
-            "--port",
-            f"127.0.0.1:{port}",
-            "posix",
-            str(data),
-        ]
-        component = self._start("s3", argv)
+        argv = [str(binary), "--port", f"127.0.0.1:{port}", "posix", str(data)]
+        # Credentials go by environment, never argv (visible to every user in /proc).
+        keys = {"ROOT_ACCESS_KEY_ID": info.s3_access_key, "ROOT_SECRET_ACCESS_KEY": info.s3_secret_key}
+        component = self._start("s3", argv, keys)
         wait_until(component, lambda: port_open(port), self.options.start_timeout, "its port")
         info.s3_endpoint = f"http://127.0.0.1:{port}"
 
