@@ -7,4 +7,11 @@ Product packages never import this package."""
 from localcluster.cluster import ClusterInfo, ClusterOptions, LocalCluster, add_scrape_target, stop_run
 from localcluster.tools import MissingToolError
 
-__all__ = ["ClusterInfo", "ClusterOptions", "LocalCluster", "MissingToolError", "add_scrape_target", "stop_run"]
+__all__ = [
+    "ClusterInfo",
+    "ClusterOptions",
+    "LocalCluster",
+    "MissingToolError",
+    "add_scrape_target",
+    "stop_run",
+]

@@ -381,9 +381,7 @@ def prometheus_config(targets: Path, interval: str) -> dict[str, Any]:
             {
                 "job_name": "operator",
                 "honor_labels": True,
-                "file_sd_configs": [
-                    {"files": [str(targets / "operator*.json")], "refresh_interval": "1s"}
-                ],
+                "file_sd_configs": [{"files": [str(targets / "operator*.json")], "refresh_interval": "1s"}],
             },
         ],
     }

@@ -73,7 +73,7 @@ def _issue(
     ca: x509.Certificate,
     ca_key: rsa.RSAPrivateKey,
     subject: x509.Name,
-    usage: ExtendedKeyUsageOID,
+    usage: x509.ObjectIdentifier,
     sans: list[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     key = _key()
@@ -100,9 +100,7 @@ def create_pki(directory: Path) -> Pki:
         for name in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
     ]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "10.0.0.1")]
-    serving, serving_key = _issue(
-        ca, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans
-    )
+    serving, serving_key = _issue(ca, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
     # system:masters makes this client a cluster admin without any RBAC binding.
     admin, admin_key = _issue(
         ca, ca_key, _name("localcluster-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH

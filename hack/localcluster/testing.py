@@ -14,7 +14,7 @@ from kubernetes import client, dynamic
 T = TypeVar("T")
 
 
-class WaitTimeout(AssertionError):
+class WaitTimeoutError(AssertionError):
     """A condition did not hold in time; the message shows what was last seen."""
 
 
@@ -35,15 +35,16 @@ def wait_for(
     last: Any = None
     while True:
         try:
-            last = probe()
+            value = probe()
         except Exception as exc:
             last = exc
         else:
-            if last:
-                return last
+            if value:
+                return value
+            last = value
         if time.monotonic() >= deadline:
             seen = describe() if describe else last
-            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {seen!r}")
+            raise WaitTimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {seen!r}")
         time.sleep(interval)
 
 
@@ -57,9 +58,7 @@ def apply_yaml(api: client.ApiClient, text: str, namespace: str | None = None) -
         resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
         ns = doc.get("metadata", {}).get("namespace") or (namespace if resource.namespaced else None)
         created.append(
-            resource.server_side_apply(
-                body=doc, namespace=ns, field_manager="tests", force_conflicts=True
-            )
+            resource.server_side_apply(body=doc, namespace=ns, field_manager="tests", force_conflicts=True)
         )
     return created
 

@@ -33,9 +33,7 @@ def bin_dir() -> Path:
     override = os.environ.get("FINETUNE_TOOLS_BIN")
     if override:
         return Path(override)
-    out = subprocess.run(
-        [str(BUILD_SCRIPT), "--print-bin-dir"], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([str(BUILD_SCRIPT), "--print-bin-dir"], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip())
 
 

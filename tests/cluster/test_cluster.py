@@ -43,7 +43,10 @@ def phase_is(core: client.CoreV1Api, ns: str, name: str, *phases: str) -> Any:
 def kubectl(cluster: ClusterInfo, *args: str) -> str:
     out = subprocess.run(
         [str(tool("kubectl")), "--kubeconfig", cluster.kubeconfig, *args],
-        check=True, capture_output=True, text=True, timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return out.stdout
 
@@ -89,7 +92,9 @@ def test_job_completes_and_indexed_job_runs_every_index(
     template = python_pod("x", "import os; print('index', os.environ.get('JOB_COMPLETION_INDEX'))")
     template["spec"]["restartPolicy"] = "Never"
     pod_template = {"spec": template["spec"]}
-    batch.create_namespaced_job(namespace, {"metadata": {"name": "plain"}, "spec": {"template": pod_template}})
+    batch.create_namespaced_job(
+        namespace, {"metadata": {"name": "plain"}, "spec": {"template": pod_template}}
+    )
     indexed = {
         "metadata": {"name": "indexed"},
         "spec": {"completions": 2, "parallelism": 2, "completionMode": "Indexed", "template": pod_template},
@@ -97,8 +102,14 @@ def test_job_completes_and_indexed_job_runs_every_index(
     batch.create_namespaced_job(namespace, indexed)
 
     for name in ("plain", "indexed"):
-        wait_for(lambda name=name: (batch.read_namespaced_job_status(name, namespace).status.succeeded or 0)
-                 >= (2 if name == "indexed" else 1), 90, f"job {name} to succeed")
+        wait_for(
+            lambda name=name: (
+                (batch.read_namespaced_job_status(name, namespace).status.succeeded or 0)
+                >= (2 if name == "indexed" else 1)
+            ),
+            90,
+            f"job {name} to succeed",
+        )
     pods = core.list_namespaced_pod(namespace, label_selector="job-name=indexed").items
     logs = "".join(pod_log(cluster.run_dir, namespace, p.metadata.name) for p in pods)
     assert sorted(re.findall(r"index (\d)", logs)) == ["0", "1"]
@@ -108,11 +119,18 @@ def test_deleting_owner_collects_children(kube: client.ApiClient, namespace: str
     batch = client.BatchV1Api(kube)
     core = client.CoreV1Api(kube)
     spec = python_pod("x", "import time; time.sleep(300)")["spec"]
-    batch.create_namespaced_job(namespace, {"metadata": {"name": "owner"}, "spec": {"template": {"spec": spec}}})
-    wait_for(lambda: core.list_namespaced_pod(namespace, label_selector="job-name=owner").items, 60, "job pod")
+    batch.create_namespaced_job(
+        namespace, {"metadata": {"name": "owner"}, "spec": {"template": {"spec": spec}}}
+    )
+    wait_for(
+        lambda: core.list_namespaced_pod(namespace, label_selector="job-name=owner").items, 60, "job pod"
+    )
     batch.delete_namespaced_job("owner", namespace, propagation_policy="Background")
-    wait_for(lambda: not core.list_namespaced_pod(namespace, label_selector="job-name=owner").items,
-             90, "the garbage collector to delete the job's pods")
+    wait_for(
+        lambda: not core.list_namespaced_pod(namespace, label_selector="job-name=owner").items,
+        90,
+        "the garbage collector to delete the job's pods",
+    )
 
 
 def test_deleting_running_pod_sends_sigterm_within_grace(
@@ -132,8 +150,12 @@ def test_deleting_running_pod_sends_sigterm_within_grace(
     core.create_namespaced_pod(namespace, python_pod("trainer", code, terminationGracePeriodSeconds=20))
     wait_for(lambda: "training" in pod_log(cluster.run_dir, namespace, "trainer"), 60, "the process to start")
     core.delete_namespaced_pod("trainer", namespace)
-    wait_for(lambda: "checkpoint saved" in pod_log(cluster.run_dir, namespace, "trainer"), 30,
-             "the process to handle SIGTERM", describe=lambda: pod_log(cluster.run_dir, namespace, "trainer"))
+    wait_for(
+        lambda: "checkpoint saved" in pod_log(cluster.run_dir, namespace, "trainer"),
+        30,
+        "the process to handle SIGTERM",
+        describe=lambda: pod_log(cluster.run_dir, namespace, "trainer"),
+    )
 
     def gone() -> bool:
         return not [p for p in core.list_namespaced_pod(namespace).items if p.metadata.name == "trainer"]
@@ -151,7 +173,8 @@ def test_gpu_requests_schedule_within_capacity_only(core: client.CoreV1Api, name
     wait_for(lambda: phase_is(core, namespace, "fits", "Succeeded"), 60, "the 1-GPU pod to run")
     reasons = wait_for(
         lambda: [e for e in events_for(core, namespace, "too-big") if e.startswith("FailedScheduling")],
-        60, "a FailedScheduling event",
+        60,
+        "a FailedScheduling event",
     )
     assert "nvidia.com/gpu" in reasons[0]
     assert core.read_namespaced_pod("too-big", namespace).status.phase == "Pending"
@@ -182,7 +205,9 @@ def test_secrets_reach_the_process_and_rbac_is_enforced(
         {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
     pod = python_pod(
-        "reader", code, serviceAccountName="limited",
+        "reader",
+        code,
+        serviceAccountName="limited",
         volumes=[{"name": "creds", "secret": {"secretName": "creds"}}],
         container={"env": env, "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds"}]},
     )
@@ -196,7 +221,9 @@ def test_secrets_reach_the_process_and_rbac_is_enforced(
     assert value not in log
 
 
-def test_pods_reach_each_other_over_pod_ips(core: client.CoreV1Api, cluster: ClusterInfo, namespace: str) -> None:
+def test_pods_reach_each_other_over_pod_ips(
+    core: client.CoreV1Api, cluster: ClusterInfo, namespace: str
+) -> None:
     server = """
         import os, socket
         s = socket.socket(); s.bind((os.environ['POD_IP'], 8080)); s.listen()
@@ -213,8 +240,12 @@ def test_pods_reach_each_other_over_pod_ips(core: client.CoreV1Api, cluster: Clu
         print('received', s.recv(100).decode())
     """
     core.create_namespaced_pod(namespace, python_pod("client", client_code))
-    wait_for(lambda: phase_is(core, namespace, "client", "Succeeded"), 60, "the client to finish",
-             describe=lambda: pod_log(cluster.run_dir, namespace, "client"))
+    wait_for(
+        lambda: phase_is(core, namespace, "client", "Succeeded"),
+        60,
+        "the client to finish",
+        describe=lambda: pod_log(cluster.run_dir, namespace, "client"),
+    )
     client_ip = core.read_namespaced_pod("client", namespace).status.pod_ip
     assert client_ip != server_ip
     assert f"received hello from {server_ip}" in pod_log(cluster.run_dir, namespace, "client")
@@ -222,8 +253,11 @@ def test_pods_reach_each_other_over_pod_ips(core: client.CoreV1Api, cluster: Clu
 
 def test_s3_multipart_upload_round_trips(cluster: ClusterInfo, tmp_path: Path) -> None:
     s3 = boto3.client(
-        "s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
-        aws_access_key_id=cluster.s3_access_key, aws_secret_access_key=cluster.s3_secret_key,
+        "s3",
+        endpoint_url=cluster.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=cluster.s3_access_key,
+        aws_secret_access_key=cluster.s3_secret_key,
     )
     bucket = unique_name("bucket")
     s3.create_bucket(Bucket=bucket)
@@ -237,7 +271,9 @@ def test_s3_multipart_upload_round_trips(cluster: ClusterInfo, tmp_path: Path) -
     assert (tmp_path / "out.bin").read_bytes() == payload
 
 
-def test_prometheus_scrapes_a_pod_metrics_port(core: client.CoreV1Api, cluster: ClusterInfo, namespace: str) -> None:
+def test_prometheus_scrapes_a_pod_metrics_port(
+    core: client.CoreV1Api, cluster: ClusterInfo, namespace: str
+) -> None:
     code = """
         import os, time
         from prometheus_client import Gauge, start_http_server
@@ -247,7 +283,9 @@ def test_prometheus_scrapes_a_pod_metrics_port(core: client.CoreV1Api, cluster: 
     """
     env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     ports = [{"name": "metrics", "containerPort": 9400}]
-    core.create_namespaced_pod(namespace, python_pod("exporter", code, container={"env": env, "ports": ports}))
+    core.create_namespaced_pod(
+        namespace, python_pod("exporter", code, container={"env": env, "ports": ports})
+    )
     query = urllib.parse.urlencode({"query": f'localcluster_probe_value{{namespace="{namespace}"}}'})
 
     def sample() -> list[Any]:

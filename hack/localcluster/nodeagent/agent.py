@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from localcluster.nodeagent.podspec import decode_secret_data
+from localcluster.nodeagent.podspec import Lookup, decode_secret_data
 from localcluster.nodeagent.runner import Obj, PodRunner, now
 from localcluster.processes import RUN_MARKER
 
@@ -31,7 +31,7 @@ _HEARTBEAT_SECONDS = 10
 class ApiLookup:
     """Reads secrets, config maps and tokens for pods, as the kubelet does."""
 
-    def __init__(self, core: client.CoreV1Api, ca_cert: Path) -> None:
+    def __init__(self, core: Any, ca_cert: Path) -> None:
         self.core = core
         self.ca_cert = ca_cert
 
@@ -51,7 +51,9 @@ class ApiLookup:
                 return None
             raise
 
-    def token(self, namespace: str, service_account: str, pod: Obj, audience: str | None, seconds: int) -> str:
+    def token(
+        self, namespace: str, service_account: str, pod: Obj, audience: str | None, seconds: int
+    ) -> str:
         body = {
             "spec": {
                 "audiences": [audience] if audience else None,
@@ -88,7 +90,7 @@ class NodeAgent:
         url = args.apiserver.removeprefix("https://")
         self.api_host, port = url.rsplit(":", 1)
         self.api_port = int(port)
-        self.lookup = ApiLookup(self.core, Path(args.ca_cert))
+        self.lookup: Lookup = ApiLookup(self.core, Path(args.ca_cert))
         self.args = args
         self.runners: dict[str, PodRunner] = {}
         self.lock = threading.Lock()
@@ -279,7 +281,11 @@ class NodeAgent:
                 log.error("no free pod IPs left on %s", self.node_name)
                 return
             ip = self.free_ips.pop(0)
-            root = self.run_dir / "pods" / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{pod['metadata']['uid'][:8]}"
+            root = (
+                self.run_dir
+                / "pods"
+                / f"{pod['metadata']['namespace']}_{pod['metadata']['name']}_{pod['metadata']['uid'][:8]}"
+            )
             runner = PodRunner(pod=pod, pod_ip=ip, root=root, node=self)
             self.runners[runner.uid] = runner
         runner.start()

@@ -53,7 +53,7 @@ def main() -> None:
     argv: list[str] = spec["argv"]
     env: dict[str, str] = spec["env"]
     try:
-        os.execvpe(argv[0], argv, env)
+        os.execvpe(argv[0], argv, env)  # noqa: S606 (the container command, as given)
     except OSError as exc:
         # Kubernetes reports this as a container that could not start (exit 127/126).
         print(f"exec {argv[0]!r}: {exc.strerror}", file=sys.stderr)

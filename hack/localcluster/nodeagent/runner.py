@@ -175,14 +175,23 @@ class PodRunner:
         mounts = []
         for mount in container.get("volumeMounts") or []:
             volume = volumes[mount["name"]]
-            source = Path(volume["hostPath"]["path"]) if "hostPath" in volume else self._volume_dir(volume["name"])
+            source: Path = (
+                Path(volume["hostPath"]["path"]) if "hostPath" in volume else self._volume_dir(volume["name"])
+            )
             if mount.get("subPath"):
                 source = source / mount["subPath"]
-            read_only = bool(mount.get("readOnly")) or any(k in volume for k in ("configMap", "secret", "projected"))
+            read_only = bool(mount.get("readOnly")) or any(
+                k in volume for k in ("configMap", "secret", "projected")
+            )
             mounts.append({"source": str(source), "target": mount["mountPath"], "readOnly": read_only})
         mounts.append(self._hosts_mount())
-        mounts.append({"source": str(self._termination_file(container)), "target": container.get(
-            "terminationMessagePath", "/dev/termination-log"), "readOnly": False})
+        mounts.append(
+            {
+                "source": str(self._termination_file(container)),
+                "target": container.get("terminationMessagePath", "/dev/termination-log"),
+                "readOnly": False,
+            }
+        )
         return mounts
 
     def _hosts_mount(self) -> Obj:
@@ -192,7 +201,7 @@ class PodRunner:
         return {"source": str(hosts), "target": "/etc/hosts", "readOnly": True}
 
     def _termination_file(self, container: Obj) -> Path:
-        path = self.root / "termination" / container["name"]
+        path = self.root / "termination" / str(container["name"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
         return path
@@ -230,11 +239,27 @@ class PodRunner:
         spec_path.chmod(0o600)
         log_path = self.log_path(container["name"])
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = ["unshare", "--mount", "--uts", "--propagation", "private", "--",
-               sys.executable, "-m", "localcluster.nodeagent.launch", str(spec_path)]
+        cmd = [
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+            sys.executable,
+            "-m",
+            "localcluster.nodeagent.launch",
+            str(spec_path),
+        ]
         with log_path.open("ab") as out:
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env={**env, "PYTHONSAFEPATH": "1"}, start_new_session=True)
+            process = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**env, "PYTHONSAFEPATH": "1"},
+                start_new_session=True,
+            )
         state = self.containers.setdefault(container["name"], ContainerState(container["name"]))
         state.process, state.started_at, state.terminated = process, now(), None
         self.node.event(self.pod, "Started", f"Started container {container['name']}")
@@ -313,8 +338,12 @@ class PodRunner:
         specs = {c["name"]: c for c in self.pod["spec"]["containers"]}
         running = [s for s in self.containers.values() if s.process and s.terminated is None]
         if running:
-            self.node.event(self.pod, "Killing", "Stopping container(s) " + ", ".join(s.name for s in running))
-        threads = [threading.Thread(target=self._stop_process, args=(s.process,)) for s in running if s.process]
+            self.node.event(
+                self.pod, "Killing", "Stopping container(s) " + ", ".join(s.name for s in running)
+            )
+        threads = [
+            threading.Thread(target=self._stop_process, args=(s.process,)) for s in running if s.process
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -337,16 +366,18 @@ class PodRunner:
     # -- status ------------------------------------------------------------------
     def _patch(self, phase: str, waiting: tuple[str, str] | None = None) -> None:
         specs = self.pod["spec"]["containers"]
-        running = phase == "Running" and all(
-            s.process is not None and s.terminated is None for s in self.containers.values()
-        ) and bool(self.containers)
+        running = (
+            phase == "Running"
+            and all(s.process is not None and s.terminated is None for s in self.containers.values())
+            and bool(self.containers)
+        )
         statuses = []
         for c in specs:
             state = self.containers.get(c["name"], ContainerState(c["name"]))
-            status = state.status(c.get("image", ""), running)
+            container_status = state.status(c.get("image", ""), running)
             if waiting and state.process is None:
-                status["state"] = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
-            statuses.append(status)
+                container_status["state"] = {"waiting": {"reason": waiting[0], "message": waiting[1]}}
+            statuses.append(container_status)
         ready = "True" if running else "False"
         status: Obj = {
             "phase": phase,

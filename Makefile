@@ -1,0 +1,46 @@
+# The two set-up commands are `make quickstart` and `make test`; everything else is a step of theirs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: tools venv lint typecheck test test-unit test-cluster quickstart crds clean
+
+tools:  ## Build (or reuse) the pinned control plane, etcd, helm, S3 server and Prometheus.
+	hack/build-tools.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[trainer,test]'
+	touch $@
+
+venv: $(VENV)/.installed  ## Create the virtualenv with the operator, trainer and test dependencies.
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: tools venv lint typecheck  ## The full default test suite (what CI runs).
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv  ## Tests that need no cluster.
+	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: tools venv  ## Tests against the local control plane only.
+	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
+
+quickstart: tools venv  ## A real fine-tune through the operator on the local stack.
+	$(BIN)/python hack/quickstart.py $(QUICKSTART_ARGS)
+
+crds: venv  ## Regenerate the CRD from the API models.
+	$(BIN)/python -m finetune_operator.crd
+
+clean:
+	$(BIN)/python -m localcluster down || true
+	rm -rf .run
