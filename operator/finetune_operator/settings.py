@@ -1,0 +1,62 @@
+"""Operator settings, read from environment variables prefixed `FINETUNE_`.
+
+- FINETUNE_ENVIRONMENT (auto): cloud, onprem, or auto (detect from node labels); used when a job
+  says `environment: auto`.
+- FINETUNE_GPU_MEMORY_GIB (24): memory of one GPU, when a job's nodeSelector has no GPU-memory label.
+- FINETUNE_GPU_MEMORY_LABEL (nvidia.com/gpu.memory): node label with GPU memory in MiB, as set by
+  NVIDIA GPU feature discovery.
+- FINETUNE_DEFAULT_MODEL_PARAMETERS (7B): parameter count assumed when spec.model.parameters is absent.
+- FINETUNE_TRAINER_IMAGE (ghcr.io/finetune-dev/finetune-trainer:0.1.0): image of the training pods.
+- FINETUNE_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
+- FINETUNE_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
+- FINETUNE_TRAINER_METRICS_PORT (9400): the trainer's Prometheus port (container port `metrics`).
+- FINETUNE_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from finetune_operator.api import Environment
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_", frozen=True, extra="ignore")
+
+    environment: Environment = Field(
+        default=Environment.AUTO, description="Environment used when a job says auto."
+    )
+    gpu_memory_gib: Annotated[float, Field(gt=0, le=4096)] = Field(
+        default=24.0, description="Memory of one GPU in GiB, unless the job's nodeSelector says otherwise."
+    )
+    gpu_memory_label: str = Field(
+        default="nvidia.com/gpu.memory", description="Node label with the GPU memory in MiB."
+    )
+    default_model_parameters: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?[KMBT]$")] = Field(
+        default="7B", description="Parameter count assumed when spec.model.parameters is absent."
+    )
+    trainer_image: str = Field(
+        default="ghcr.io/finetune-dev/finetune-trainer:0.1.0", description="Trainer image."
+    )
+    trainer_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the trainer container."
+    )
+    trainer_run_as_user: Annotated[int, Field(ge=1)] = Field(
+        default=1000, description="Non-root user id (also group id) of the trainer."
+    )
+    trainer_metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=9400, description="Port of the trainer's Prometheus endpoint."
+    )
+    namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Namespaces to watch; empty means all namespaces."
+    )
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value

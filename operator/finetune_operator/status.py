@@ -1,0 +1,280 @@
+"""Pure helpers that build FineTuneJob status: conditions, the method decision, the phase of the
+Job, and the fields copied from the trainer's progress report.
+
+Every helper returns camelCase dicts ready for a status merge patch, validated against the same
+models the CRD is generated from, so the API server never rejects what is built here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from finetune_operator import api
+from finetune_operator.api import ConditionStatus, Phase
+from finetune_operator.policy import Finding, MethodDecision, Verdict
+from finetune_trainer.exitcodes import ExitCode
+from finetune_trainer.report_model import TrainerReport
+
+Patch = dict[str, Any]
+
+MAX_MESSAGE = 4096
+MAX_REASON = 1024
+MAX_METRICS = 64
+
+# Phases the trainer reports while it runs; the end of the run is read from the Job instead.
+RUNNING_PHASES = frozenset({Phase.PREPARING, Phase.BASELINE, Phase.TRAINING, Phase.EVALUATING})
+
+EXIT_CODE_MEANINGS: dict[int, str] = {
+    ExitCode.SUCCEEDED: "training finished and the success criteria were met",
+    ExitCode.FAILED: "the trainer stopped on an unexpected error (see the pod log)",
+    ExitCode.INVALID_CONFIG: "the trainer rejected its configuration",
+    ExitCode.SUCCESS_CRITERIA_NOT_MET: "the fine-tuned model did not meet spec.goal.successCriteria",
+    ExitCode.DATA_REFUSED: "the data was refused (too few examples for the method, or failed checks)",
+    ExitCode.CHECKPOINT_RESTORE_FAILED: "a checkpoint could not be restored and verified",
+    ExitCode.PREEMPTED_CHECKPOINTED: "the pod was stopped after saving a checkpoint; training resumes",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dump(model: BaseModel) -> Patch:
+    # exclude_unset: a merge patch must not reset fields (conditions: []) it did not mean to touch.
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+
+
+def _finite(values: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or infinity (a diverged loss): such values are left out."""
+    return {k: v for k, v in values.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions
+
+
+def condition(
+    type_: str,
+    status: bool | ConditionStatus,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    now: datetime,
+) -> Patch:
+    """One condition in the standard shape, computed from metadata.generation `generation`."""
+    if isinstance(status, bool):
+        status = ConditionStatus.TRUE if status else ConditionStatus.FALSE
+    model = api.Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=_clip(message, MAX_MESSAGE),
+        observed_generation=generation,
+        last_transition_time=now,
+    )
+    return _dump(model)
+
+
+def condition_from_finding(finding: Finding, *, generation: int, now: datetime) -> Patch:
+    """A refused check is False; passed and warned checks are True (a warning still lets it run)."""
+    return condition(
+        finding.condition,
+        finding.verdict != Verdict.REFUSE,
+        finding.reason,
+        finding.message,
+        generation=generation,
+        now=now,
+    )
+
+
+def set_condition(conditions: Sequence[Mapping[str, Any]], new: Mapping[str, Any]) -> list[Patch]:
+    """Replace the condition of the same type. lastTransitionTime only moves when status changes."""
+    out: list[Patch] = []
+    replaced = False
+    for old in conditions:
+        if old.get("type") != new["type"]:
+            out.append(dict(old))
+            continue
+        merged = dict(new)
+        if old.get("status") == new["status"] and "lastTransitionTime" in old:
+            merged["lastTransitionTime"] = old["lastTransitionTime"]
+        out.append(merged)
+        replaced = True
+    if not replaced:
+        out.append(dict(new))
+    return out
+
+
+def merge_findings(
+    conditions: Sequence[Mapping[str, Any]],
+    findings: Iterable[Finding],
+    *,
+    generation: int,
+    now: datetime,
+) -> list[Patch]:
+    """Conditions after applying findings. Several findings for one condition: the worst wins and
+    their messages are joined."""
+    worst: dict[str, Finding] = {}
+    messages: dict[str, list[str]] = {}
+    rank = {Verdict.OK: 0, Verdict.WARN: 1, Verdict.REFUSE: 2}
+    for finding in findings:
+        messages.setdefault(finding.condition, []).append(finding.message)
+        current = worst.get(finding.condition)
+        if current is None or rank[finding.verdict] > rank[current.verdict]:
+            worst[finding.condition] = finding
+    result = [dict(c) for c in conditions]
+    for type_, finding in worst.items():
+        joined = Finding(type_, finding.verdict, finding.reason, "; ".join(messages[type_]))
+        result = set_condition(result, condition_from_finding(joined, generation=generation, now=now))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Method and phase
+
+
+def method_status(decision: MethodDecision) -> Patch:
+    return _dump(
+        api.MethodStatus(
+            type=decision.type,
+            reason=_clip(decision.reason, MAX_REASON),
+            deepspeed_stage=3 if decision.deepspeed_stage == 3 else (2 if decision.deepspeed_stage else None),
+        )
+    )
+
+
+def _job_condition(job_status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in job_status.get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond  # type: ignore[no-any-return]
+    return None
+
+
+def phase_from_job(job_status: Mapping[str, Any] | None, report_phase: str | None = None) -> Phase:
+    """The job's phase from its batch/v1 Job status, refined by the phase the trainer reports
+    (`TrainerReport.phase`) while it runs. No Job yet: Pending."""
+    if job_status is None:
+        return Phase.PENDING
+    if _job_condition(job_status, "Complete") or _job_condition(job_status, "SuccessCriteriaMet"):
+        return Phase.SUCCEEDED
+    if _job_condition(job_status, "Failed") or _job_condition(job_status, "FailureTarget"):
+        return Phase.FAILED
+    if _job_condition(job_status, "Suspended"):
+        return Phase.SUSPENDED
+    if int(job_status.get("active") or 0) > 0:
+        if report_phase is None:
+            return Phase.PREPARING
+        reported = Phase(str(report_phase))
+        # The trainer has finished but its pod is still saving the final artifact.
+        return reported if reported in RUNNING_PHASES else Phase.EVALUATING
+    return Phase.PENDING
+
+
+def explain_exit_code(code: int) -> str:
+    meaning = EXIT_CODE_MEANINGS.get(code, "the trainer exited with an unexpected code")
+    return f"exit code {code}: {meaning}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's report
+
+
+def parse_report(text: str | None) -> TrainerReport | None:
+    """The report in the progress ConfigMap; None while it is empty or not valid JSON yet."""
+    if not text or not text.strip():
+        return None
+    try:
+        return TrainerReport.from_json(text)
+    except ValidationError:
+        return None
+
+
+def progress_summary(step: int, total_steps: int) -> str | None:
+    if total_steps <= 0:
+        return None
+    percent = min(100, step * 100 // total_steps)
+    return f"{percent}% ({step}/{total_steps})"
+
+
+_METRIC_NAME = re.compile(api.METRIC_NAME_PATTERN)
+
+
+def _metric_values(values: Mapping[str, float]) -> dict[str, float]:
+    """Metrics whose names fit the schema, at most MAX_METRICS; anything else is left out rather
+    than failing the whole status update."""
+    out: dict[str, float] = {}
+    for name, value in sorted(_finite(values).items()):
+        if len(out) < MAX_METRICS and len(name) <= 63 and _METRIC_NAME.match(name):
+            out[name] = value
+    return out
+
+
+def status_from_report(report: TrainerReport) -> Patch:
+    """The status fields the trainer owns, copied from its report. The phase is included only while
+    the trainer runs: success and failure are read from the Job."""
+    fields: dict[str, Any] = {}
+    if Phase(report.phase.value) in RUNNING_PHASES:
+        fields["phase"] = report.phase.value
+    if report.message:
+        fields["message"] = _clip(report.message, MAX_MESSAGE)
+    if report.method is not None and report.method.type in {m.value for m in api.ResolvedMethodType}:
+        fields["method"] = {"type": report.method.type, "reason": _clip(report.method.reason, MAX_REASON)}
+    if report.data is not None:
+        fields["data"] = report.data.model_dump(by_alias=True)
+    if report.baseline:
+        fields["baseline"] = _metric_values(report.baseline)
+    if report.final:
+        fields["final"] = _metric_values(report.final)
+    if report.progress is not None:
+        progress = _finite(report.progress.model_dump(by_alias=True, exclude_none=True))
+        summary = progress_summary(report.progress.step, report.progress.total_steps)
+        if summary is not None:
+            progress["summary"] = summary
+            progress["percent"] = min(100, report.progress.step * 100 // report.progress.total_steps)
+        fields["progress"] = progress
+    if report.checkpoint is not None:
+        fields["checkpoint"] = report.checkpoint.model_dump(by_alias=True)
+    if report.predictions is not None:
+        fields["predictions"] = report.predictions.model_dump(by_alias=True)
+    return _dump(api.FineTuneJobStatus.model_validate(fields))
+
+
+def status_patch(
+    *,
+    generation: int,
+    phase: Phase | None = None,
+    conditions: Sequence[Mapping[str, Any]] | None = None,
+    decision: MethodDecision | None = None,
+    message: str | None = None,
+    **extra: Any,
+) -> Patch:
+    """A status merge patch from the operator's own fields; `extra` takes further camelCase fields
+    (startTime, completionTime, restarts, secretsHash). Validated against the status model."""
+    fields: dict[str, Any] = {"observedGeneration": generation, **extra}
+    if phase is not None:
+        fields["phase"] = phase.value
+    if conditions is not None:
+        fields["conditions"] = list(conditions)
+    if decision is not None:
+        fields["method"] = method_status(decision)
+    if message is not None:
+        fields["message"] = _clip(message, MAX_MESSAGE)
+    for key in ("startTime", "completionTime"):
+        if isinstance(fields.get(key), datetime):
+            fields[key] = _timestamp(fields[key])
+    return _dump(api.FineTuneJobStatus.model_validate(fields))

@@ -1,0 +1,47 @@
+"""Operator settings come from FINETUNE_* environment variables."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from finetune_operator.api import Environment
+from finetune_operator.settings import OperatorSettings
+
+
+def test_defaults_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FINETUNE_ENVIRONMENT", "FINETUNE_GPU_MEMORY_GIB", "FINETUNE_NAMESPACES"):
+        monkeypatch.delenv(name, raising=False)
+    settings = OperatorSettings()
+    assert settings.environment == Environment.AUTO
+    assert settings.namespaces == ()
+    assert settings.trainer_metrics_port == 9400
+
+
+def test_values_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_ENVIRONMENT", "onprem")
+    monkeypatch.setenv("FINETUNE_GPU_MEMORY_GIB", "80")
+    monkeypatch.setenv("FINETUNE_NAMESPACES", "team-a, team-b,,")
+    monkeypatch.setenv("FINETUNE_TRAINER_IMAGE", "registry.local/trainer:dev")
+    settings = OperatorSettings()
+    assert settings.environment == Environment.ONPREM
+    assert settings.gpu_memory_gib == 80
+    assert settings.namespaces == ("team-a", "team-b")
+    assert settings.trainer_image == "registry.local/trainer:dev"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FINETUNE_ENVIRONMENT", "moon"),
+        ("FINETUNE_GPU_MEMORY_GIB", "-1"),
+        ("FINETUNE_TRAINER_RUN_AS_USER", "0"),
+        ("FINETUNE_DEFAULT_MODEL_PARAMETERS", "big"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("FINETUNE_").lower()):
+        OperatorSettings()

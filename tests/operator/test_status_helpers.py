@@ -1,0 +1,197 @@
+"""Status as users read it: conditions with observedGeneration, the phase from the Job, and the
+trainer's report copied into status without breaking the schema."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from finetune_operator import api, status
+from finetune_operator.api import Phase, ResolvedMethodType
+from finetune_operator.policy import Finding, MethodDecision, Verdict
+from finetune_trainer.report_model import (
+    CheckpointInfo,
+    DataSummary,
+    MethodInfo,
+    Progress,
+    SplitSizes,
+    TrainerReport,
+)
+from finetune_trainer.report_model import Phase as ReportPhase
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+T1 = datetime(2025, 1, 2, 4, 0, 0, tzinfo=UTC)
+
+
+def test_condition_shape() -> None:
+    cond = status.condition(
+        "SecretsReady", False, "SecretMissing", "Secret s3 not found", generation=4, now=T0
+    )
+    assert cond == {
+        "type": "SecretsReady",
+        "status": "False",
+        "reason": "SecretMissing",
+        "message": "Secret s3 not found",
+        "observedGeneration": 4,
+        "lastTransitionTime": "2025-01-02T03:04:05Z",
+    }
+
+
+def test_transition_time_moves_only_when_status_changes() -> None:
+    old = [
+        status.condition("SpecValid", True, "Valid", "ok", generation=1, now=T0),
+        status.condition("SecretsReady", False, "SecretMissing", "missing", generation=1, now=T0),
+    ]
+    same = status.set_condition(
+        old, status.condition("SpecValid", True, "Valid", "still ok", generation=2, now=T1)
+    )
+    assert same[0]["lastTransitionTime"] == "2025-01-02T03:04:05Z"
+    assert (same[0]["message"], same[0]["observedGeneration"]) == ("still ok", 2)
+    assert same[1] == old[1]
+    flipped = status.set_condition(
+        old, status.condition("SecretsReady", True, "SecretsFound", "ok", generation=2, now=T1)
+    )
+    assert flipped[1]["lastTransitionTime"] == "2025-01-02T04:00:00Z"
+    added = status.set_condition(
+        old, status.condition("MemoryFits", True, "EstimateFits", "ok", generation=2, now=T1)
+    )
+    assert [c["type"] for c in added] == ["SpecValid", "SecretsReady", "MemoryFits"]
+
+
+def test_findings_become_conditions_worst_first() -> None:
+    findings = [
+        Finding("GoalMeasurable", Verdict.WARN, "FewTestExamples", "about 20 test examples"),
+        Finding("GoalMeasurable", Verdict.REFUSE, "NoTestExamples", "no test example"),
+        Finding("MemoryFits", Verdict.WARN, "EstimateTight", "tight"),
+    ]
+    conditions = {c["type"]: c for c in status.merge_findings([], findings, generation=3, now=T0)}
+    goal = conditions["GoalMeasurable"]
+    assert (goal["status"], goal["reason"]) == ("False", "NoTestExamples")
+    assert "about 20 test examples" in goal["message"] and "no test example" in goal["message"]
+    assert (conditions["MemoryFits"]["status"], conditions["MemoryFits"]["reason"]) == (
+        "True",
+        "EstimateTight",
+    )
+
+
+def job_status(condition: str | None = None, active: int = 0) -> dict[str, Any]:
+    conditions = [{"type": condition, "status": "True"}] if condition else []
+    return {"active": active, "conditions": conditions}
+
+
+@pytest.mark.parametrize(
+    ("job", "reported", "phase"),
+    [
+        (None, None, Phase.PENDING),
+        (job_status(), None, Phase.PENDING),
+        (job_status(active=1), None, Phase.PREPARING),
+        (job_status(active=2), "Baseline", Phase.BASELINE),
+        (job_status(active=1), "Training", Phase.TRAINING),
+        (job_status(active=1), "Succeeded", Phase.EVALUATING),
+        (job_status("Suspended"), "Training", Phase.SUSPENDED),
+        (job_status("Complete"), "Succeeded", Phase.SUCCEEDED),
+        (job_status("Failed"), "Training", Phase.FAILED),
+        (job_status("FailureTarget", active=1), "Training", Phase.FAILED),
+    ],
+)
+def test_phase_from_job(job: dict[str, Any] | None, reported: str | None, phase: Phase) -> None:
+    assert status.phase_from_job(job, reported) == phase
+
+
+def test_phase_from_job_accepts_the_trainers_enum() -> None:
+    assert status.phase_from_job(job_status(active=1), ReportPhase.TRAINING) == Phase.TRAINING
+
+
+def full_report(**changes: Any) -> TrainerReport:
+    fields: dict[str, Any] = {
+        "phase": ReportPhase.TRAINING,
+        "method": MethodInfo(type="qlora", reason="on-prem, 3,200 examples"),
+        "data": DataSummary(
+            raw=3500,
+            duplicates_removed=300,
+            examples=3200,
+            tokens=1_200_000,
+            chunks=1400,
+            split=SplitSizes(train=1260, validation=70, test=70),
+        ),
+        "baseline": {"eval_loss": 2.91, "exact_match": 0.02},
+        "progress": Progress(step=400, total_steps=900, epoch=1.3, loss=1.42, tokens_per_second=5300.0),
+        "checkpoint": CheckpointInfo(
+            uri="s3://ckpt/jobs/ns/bot/uid/checkpoints/step-400", step=400, verified=True
+        ),
+        "message": "training",
+    }
+    fields.update(changes)
+    return TrainerReport(**fields)
+
+
+def test_report_is_copied_into_status() -> None:
+    patch = status.status_from_report(full_report())
+    assert patch["phase"] == "Training"
+    assert patch["method"] == {"type": "qlora", "reason": "on-prem, 3,200 examples"}
+    assert patch["data"]["split"] == {"train": 1260, "validation": 70, "test": 70}
+    assert patch["data"]["duplicatesRemoved"] == 300
+    assert patch["baseline"] == {"eval_loss": 2.91, "exact_match": 0.02}
+    assert patch["progress"]["summary"] == "44% (400/900)" and patch["progress"]["percent"] == 44
+    assert patch["progress"]["tokensPerSecond"] == 5300.0
+    assert patch["checkpoint"]["verified"] is True and patch["checkpoint"]["step"] == 400
+    assert "conditions" not in patch and "observedGeneration" not in patch  # never reset operator fields
+    api.FineTuneJobStatus.model_validate(patch)
+
+
+def test_report_end_phases_are_left_to_the_job() -> None:
+    assert "phase" not in status.status_from_report(full_report(phase=ReportPhase.SUCCEEDED))
+    assert "phase" not in status.status_from_report(full_report(phase=ReportPhase.FAILED))
+
+
+def test_values_the_schema_cannot_hold_are_left_out() -> None:
+    report = full_report(
+        progress=Progress(step=10, total_steps=0, loss=math.nan),
+        baseline={"eval_loss": math.inf, "bad metric name!": 1.0, "rougeL": 0.3},
+        method=MethodInfo(type="dpo"),
+    )
+    patch = status.status_from_report(report)
+    assert patch["progress"] == {"step": 10, "totalSteps": 0, "epoch": 0.0}
+    assert patch["baseline"] == {"rougeL": 0.3}
+    assert "method" not in patch
+
+
+@pytest.mark.parametrize("text", [None, "", "   ", "{not json", '{"phase": "Dancing"}'])
+def test_unreadable_report_is_ignored(text: str | None) -> None:
+    assert status.parse_report(text) is None
+
+
+def test_report_round_trip_through_the_config_map() -> None:
+    parsed = status.parse_report(full_report().to_json())
+    assert parsed is not None and parsed.progress is not None and parsed.progress.step == 400
+
+
+def test_operator_status_patch() -> None:
+    decision = MethodDecision(ResolvedMethodType.FULL, "cloud, 20,000 examples", 3)
+    patch = status.status_patch(
+        generation=7, phase=Phase.TRAINING, decision=decision, startTime=T0, restarts=1, secretsHash="abc"
+    )
+    assert patch == {
+        "observedGeneration": 7,
+        "phase": "Training",
+        "method": {"type": "full", "reason": "cloud, 20,000 examples", "deepspeedStage": 3},
+        "startTime": "2025-01-02T03:04:05Z",
+        "restarts": 1,
+        "secretsHash": "abc",
+    }
+
+
+def test_status_patch_refuses_what_the_crd_would_refuse() -> None:
+    with pytest.raises(ValueError, match="restarts"):
+        status.status_patch(generation=1, restarts=-1)
+
+
+@pytest.mark.parametrize(
+    ("code", "phrase"), [(3, "successCriteria"), (4, "data was refused"), (75, "resumes"), (42, "unexpected")]
+)
+def test_exit_codes_are_explained(code: int, phrase: str) -> None:
+    text = status.explain_exit_code(code)
+    assert text.startswith(f"exit code {code}: ") and phrase in text
