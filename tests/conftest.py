@@ -1,3 +1,93 @@
-"""Shared fixtures: the local cluster (session) and a namespace per test."""
+"""Shared fixtures: the local cluster (session), a namespace per test, and the operator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from localcluster import ClusterInfo, add_scrape_target
+from localcluster.processes import free_port, port_open
+from localcluster.testing import wait_for
+from localcluster.tools import REPO_ROOT, tool
 
 pytest_plugins = ["localcluster.pytest_plugin"]
+
+CRD_FILE = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
+
+
+@dataclass(frozen=True)
+class RunningOperator:
+    log: Path
+    metrics_url: str
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: ClusterInfo, kube: client.ApiClient) -> None:
+    """The generated CRD, installed and Established."""
+    subprocess.run(
+        [
+            str(tool("kubectl")),
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "apply",
+            "--server-side",
+            "-f",
+            str(CRD_FILE),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ext = client.ApiextensionsV1Api(kube)
+
+    def established() -> bool:
+        conditions = ext.read_custom_resource_definition("finetunejobs.finetune.dev").status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    wait_for(established, 30, "the FineTuneJob CRD to be Established")
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: ClusterInfo, crd: None) -> Iterator[RunningOperator]:
+    """`python -m finetune_operator` against the session cluster, scraped by its Prometheus."""
+    metrics_port, health_port = free_port(), free_port()
+    log = Path(cluster.run_dir) / "logs" / "operator.log"
+    env = {
+        **os.environ,
+        **cluster.env(),
+        "FINETUNE_METRICS_PORT": str(metrics_port),
+        "FINETUNE_HEALTH_PORT": str(health_port),
+        "FINETUNE_ENVIRONMENT": "onprem",
+        "FINETUNE_GPU_MEMORY_GIB": "80",
+    }
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "TERM", "--", sys.executable, "-m", "finetune_operator"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: port_open(health_port),
+            60,
+            "the operator's health endpoint",
+            describe=lambda: log.read_text()[-2000:],
+        )
+        add_scrape_target(Path(cluster.run_dir), "host", f"127.0.0.1:{metrics_port}", {})
+        yield RunningOperator(log=log, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()

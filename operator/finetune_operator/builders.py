@@ -401,6 +401,8 @@ def trainer_env(
         env.append(_env_value("USER_ID", spec.user_id))
     env += [
         _env_value("FINETUNE_CONFIG", CONFIG_PATH),
+        # Servers bind to the pod's own address (several pods may share a host's network).
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         _env_value("METRICS_PORT", str(settings.trainer_metrics_port)),
         # The root filesystem is read-only: caches and home go to emptyDirs.
         _env_value("HOME", WORK_DIR),

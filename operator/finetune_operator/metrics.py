@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -113,7 +113,5 @@ def forget_job(namespace: str, job: str, phases: list[str]) -> None:
 
 
 def _remove(metric: Gauge | Counter, *labels: str) -> None:
-    try:
+    with suppress(KeyError):
         metric.remove(*labels)
-    except KeyError:
-        pass

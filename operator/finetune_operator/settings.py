@@ -11,6 +11,9 @@
 - FINETUNE_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
 - FINETUNE_TRAINER_METRICS_PORT (9400): the trainer's Prometheus port (container port `metrics`).
 - FINETUNE_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
+- FINETUNE_METRICS_PORT (8080): the operator's Prometheus endpoint (/metrics).
+- FINETUNE_HEALTH_PORT (8081): the operator's liveness endpoint (/healthz).
+- FINETUNE_LOG_LEVEL (INFO): DEBUG, INFO, WARNING or ERROR.
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ class OperatorSettings(BaseSettings):
     )
     namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="Namespaces to watch; empty means all namespaces."
+    )
+
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8080, description="Port of the operator's /metrics endpoint; 0 disables it."
+    )
+    health_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8081, description="Port of the operator's /healthz endpoint; 0 disables it."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of the operator."
     )
 
     @field_validator("namespaces", mode="before")

@@ -1,0 +1,451 @@
+"""kopf handlers: the only code that talks to the API server. Each one gathers facts, asks
+`policy`/`builders`/`status` what to do, and does it.
+
+Two flows:
+- spec -> children: on create/update/resume, validate and preflight the spec, then apply the
+  ConfigMaps, RBAC, Service and Job (`reconcile`).
+- children -> status: on any change of the Job, its pods or the progress ConfigMap, recompute the
+  job's status from them (`sync_status`), level-based and idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from finetune_operator import api, builders, metrics, policy
+from finetune_operator import status as st
+from finetune_operator.api import Phase
+from finetune_operator.kube import Kube, connect
+from finetune_operator.settings import OperatorSettings
+
+log = logging.getLogger("finetune_operator")
+PHASES = [p.value for p in Phase]
+MANAGED = {"app.kubernetes.io/managed-by": "finetune-operator"}
+_state: dict[str, Any] = {}
+
+
+def _settings() -> OperatorSettings:
+    return _state["settings"]  # type: ignore[no-any-return]
+
+
+def _kube() -> Kube:
+    return _state["kube"]  # type: ignore[no-any-return]
+
+
+def _event(body: Mapping[str, Any], kind: str, *, reason: str, message: str) -> None:
+    """A Kubernetes event on the FineTuneJob (kopf posts it in the background)."""
+    kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    operator_settings = OperatorSettings()
+    logging.getLogger().setLevel(operator_settings.log_level)
+    # Silent dead watches are a known failure: make the server end them and the client notice.
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 10
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="finetune.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    _state["settings"] = operator_settings
+    _state["kube"] = Kube(connect())
+    if operator_settings.metrics_port:
+        metrics.serve(operator_settings.metrics_port)
+    log.info("finetune-operator starting: %s", _runtime_flags(operator_settings))
+
+
+def _runtime_flags(settings: OperatorSettings) -> str:
+    """Start-up diagnostics: settings only (they hold no secrets)."""
+    fields = settings.model_dump(mode="json")
+    fields["namespaces"] = ",".join(settings.namespaces) or "(all)"
+    return " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# spec -> children
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+def reconcile(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> None:
+    metrics.watch_event_seen()
+    with metrics.observed("reconcile"):
+        _reconcile(dict(body), dict(meta), dict(spec))
+
+
+def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, Any]) -> None:
+    namespace, name, generation = meta["namespace"], meta["name"], int(meta.get("generation", 1))
+    conditions = list((body.get("status") or {}).get("conditions") or [])
+    now = st.utcnow()
+    try:
+        spec = api.parse_spec(raw_spec)
+    except ValidationError as exc:
+        _refuse_spec(body, namespace, name, generation, conditions, exc)
+        return
+    conditions = st.set_condition(
+        conditions, st.condition("SpecValid", True, "Valid", "spec is valid", generation=generation, now=now)
+    )
+    preflight = _preflight(spec, namespace)
+    conditions = st.merge_findings(conditions, preflight.findings, generation=generation, now=now)
+    for finding in preflight.warnings:
+        _event(body, "Warning", reason=finding.reason, message=finding.message)
+    if preflight.refused:
+        _refuse_preflight(body, namespace, name, generation, conditions, preflight)
+        return
+    existing = _kube().read_job(namespace, builders.child_names(name).job)
+    if existing is None:
+        _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
+    _apply_children(meta, spec, preflight, existing)
+    patch = st.status_patch(
+        generation=generation,
+        conditions=conditions,
+        decision=preflight.decision,
+        phase=Phase.SUSPENDED if spec.suspend else None,
+    )
+    if "phase" not in patch and not (body.get("status") or {}).get("phase"):
+        patch["phase"] = Phase.PENDING.value
+    _kube().patch_status(namespace, name, patch)
+
+
+def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> policy.Preflight:
+    names = {ref.name for ref in policy.required_secrets(spec)}
+    secret_keys, _ = _kube().secret_keys(namespace, names)
+    labels, provider_ids = _kube().node_labels()
+    cloud = policy.looks_like_cloud(labels, provider_ids)
+    return policy.preflight(
+        spec, _settings(), namespace=namespace, secret_keys=secret_keys, cloud_detected=cloud
+    )
+
+
+def _apply_children(
+    meta: Mapping[str, Any],
+    spec: api.FineTuneJobSpec,
+    preflight: policy.Preflight,
+    existing_job: Mapping[str, Any] | None,
+) -> None:
+    job = builders.JobRef.from_metadata(meta)
+    names = {ref.name for ref in policy.required_secrets(spec)}
+    _, versions = _kube().secret_keys(job.namespace, names)
+    children = builders.build_children(
+        job, spec, preflight.decision, _settings(), is_cloud=preflight.is_cloud, secret_versions=versions
+    )
+    for child in children:
+        if child["kind"] == "Job":
+            _apply_job(child, existing_job, spec.suspend)
+        elif child["metadata"]["name"] == builders.child_names(job.name).progress:
+            _kube().create_if_absent(child)
+        else:
+            _kube().apply(child)
+
+
+def _apply_job(manifest: dict[str, Any], existing: Mapping[str, Any] | None, suspend: bool) -> None:
+    """A Job's pod template is immutable: create it once, afterwards only (un)suspend it."""
+    meta = manifest["metadata"]
+    if existing is None:
+        _kube().apply(manifest)
+    elif bool(existing["spec"].get("suspend")) != suspend:
+        _kube().patch_job_suspend(meta["namespace"], meta["name"], suspend)
+
+
+def _refuse_spec(
+    body: dict[str, Any],
+    namespace: str,
+    name: str,
+    generation: int,
+    conditions: list[dict[str, Any]],
+    exc: ValidationError,
+) -> None:
+    message = "; ".join(_validation_messages(exc))
+    _event(body, "Warning", reason="InvalidSpec", message=message)
+    condition = st.condition(
+        "SpecValid", False, "InvalidSpec", message, generation=generation, now=st.utcnow()
+    )
+    patch = st.status_patch(
+        generation=generation,
+        phase=Phase.FAILED,
+        conditions=st.set_condition(conditions, condition),
+        message=message,
+    )
+    _kube().patch_status(namespace, name, patch)
+
+
+def _validation_messages(exc: ValidationError) -> list[str]:
+    out = []
+    for error in exc.errors():
+        path = "spec." + ".".join(str(p) for p in error["loc"])
+        out.append(f"{path}: {error['msg']} (got {str(error.get('input'))[:80]!r})")
+    return out
+
+
+def _refuse_preflight(
+    body: dict[str, Any],
+    namespace: str,
+    name: str,
+    generation: int,
+    conditions: list[dict[str, Any]],
+    preflight: policy.Preflight,
+) -> None:
+    for finding in preflight.refused:
+        _event(body, "Warning", reason=finding.reason, message=finding.message)
+    secrets_missing = any(f.condition == "SecretsReady" for f in preflight.refused)
+    message = "; ".join(f.message for f in preflight.refused)
+    # Missing secrets may still be created: wait for them. Anything else needs a spec change.
+    patch = st.status_patch(
+        generation=generation,
+        phase=Phase.PENDING if secrets_missing else Phase.FAILED,
+        conditions=conditions,
+        decision=preflight.decision,
+        message=message,
+    )
+    _kube().patch_status(namespace, name, patch)
+    if secrets_missing:
+        raise kopf.TemporaryError(message, delay=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# children -> status
+
+
+def _owner_name(meta: Mapping[str, Any]) -> str | None:
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("kind") == api.KIND and owner.get("apiVersion", "").startswith(api.GROUP):
+            return str(owner["name"])
+    return None
+
+
+def _owner_through_job(meta: Mapping[str, Any]) -> str | None:
+    """A pod belongs to a Job, which belongs to the FineTuneJob."""
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("kind") == "Job":
+            job = _kube().read_job(str(meta["namespace"]), str(owner["name"]))
+            return _owner_name(job["metadata"]) if job else None
+    return None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+def child_changed(meta: kopf.Meta, **_: Any) -> None:
+    metrics.watch_event_seen()
+    owner = _owner_name(meta) or _owner_through_job(meta)
+    if owner and meta.get("namespace"):
+        with metrics.observed("sync_status"):
+            sync_status(str(meta["namespace"]), owner)
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=15, initial_delay=5)
+def refresh(meta: kopf.Meta, **_: Any) -> None:
+    """Catches anything a missed event left behind, and keeps time-based metrics current."""
+    metrics.refresh_watch_staleness()
+    with metrics.observed("refresh"):
+        sync_status(str(meta["namespace"]), str(meta["name"]))
+        _update_fleet_gauge()
+
+
+def sync_status(namespace: str, name: str) -> None:
+    """Recomputes the job's status from its Job, pods and progress report, and patches it."""
+    body = _kube().read_job_resource(namespace, name)
+    if body is None or "spec" not in body:
+        return
+    names = builders.child_names(name)
+    job = _kube().read_job(namespace, names.job)
+    if job is None:
+        return  # not launched yet (or refused): `reconcile` owns the status until then
+    progress = _kube().config_map_data(namespace, names.progress) or {}
+    report = st.parse_report(progress.get("progress.json"))
+    pods = _kube().pods_of(namespace, body["metadata"]["uid"], builders.JOB_UID_LABEL)
+    old = body.get("status") or {}
+    patch = _status_from_children(body, job, report, pods)
+    _announce(body, old, patch, report, pods)
+    if _changed(old, patch):
+        _kube().patch_status(namespace, name, patch)
+    _record_metrics(body, patch)
+
+
+def _status_from_children(
+    body: Mapping[str, Any],
+    job: Mapping[str, Any],
+    report: Any,
+    pods: list[dict[str, Any]],
+) -> dict[str, Any]:
+    generation = int(body["metadata"].get("generation", 1))
+    old = body.get("status") or {}
+    patch: dict[str, Any] = st.status_from_report(report) if report is not None else {}
+    phase = st.phase_from_job(job.get("status"), report.phase.value if report is not None else None)
+    patch["phase"] = phase.value
+    patch["restarts"] = _restarts(pods)
+    patch["observedGeneration"] = generation
+    started = _first_start(pods)
+    if started and not old.get("startTime"):
+        patch["startTime"] = started
+    conditions = list(old.get("conditions") or [])
+    now = st.utcnow()
+    if phase in (Phase.SUCCEEDED, Phase.FAILED):
+        if not old.get("completionTime"):
+            patch["completionTime"] = st._timestamp(now)
+        reason, message = _outcome(job, pods, phase)
+        patch["message"] = message[: st.MAX_MESSAGE]
+        conditions = st.set_condition(
+            conditions,
+            st.condition(
+                "Complete", phase == Phase.SUCCEEDED, reason, message, generation=generation, now=now
+            ),
+        )
+    conditions = _data_condition(body, report, conditions, generation, now)
+    patch["conditions"] = conditions
+    return patch
+
+
+def _data_condition(
+    body: Mapping[str, Any], report: Any, conditions: list[dict[str, Any]], generation: int, now: datetime
+) -> list[dict[str, Any]]:
+    """Applies the small-data rule once the trainer has counted the examples."""
+    if report is None or report.data is None or report.method is None or not report.data.examples:
+        return conditions
+    spec = body["spec"]
+    allow = bool((spec.get("method") or {}).get("allowSmallDataFullFineTune"))
+    try:
+        method = api.ResolvedMethodType(report.method.type)
+    except ValueError:
+        return conditions
+    finding = policy.check_data_size(method, report.data.examples, allow_small=allow)
+    return st.merge_findings(conditions, [finding], generation=generation, now=now)
+
+
+def _restarts(pods: list[dict[str, Any]]) -> int:
+    """Trainer pods that ended without success: each one was replaced by a resuming pod."""
+    return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")
+
+
+def _first_start(pods: list[dict[str, Any]]) -> str | None:
+    times = sorted(str(p["status"]["startTime"]) for p in pods if (p.get("status") or {}).get("startTime"))
+    return times[0] if times else None
+
+
+def _exit(pod: Mapping[str, Any]) -> tuple[int, str] | None:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            return int(terminated.get("exitCode", 0)), str(terminated.get("message") or "")
+    return None
+
+
+def _outcome(job: Mapping[str, Any], pods: list[dict[str, Any]], phase: Phase) -> tuple[str, str]:
+    if phase == Phase.SUCCEEDED:
+        return "Succeeded", "training finished and the success criteria were met"
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failed.sort(key=lambda p: str((p.get("status") or {}).get("startTime") or ""))
+    exit_info = _exit(failed[-1]) if failed else None
+    if exit_info is None:
+        cond: dict[str, Any] = next(
+            (c for c in (job.get("status") or {}).get("conditions") or [] if c.get("type") == "Failed"), {}
+        )
+        return str(cond.get("reason") or "JobFailed"), str(cond.get("message") or "the training Job failed")
+    code, detail = exit_info
+    reason = {2: "InvalidConfig", 3: "SuccessCriteriaNotMet", 4: "DataRefused", 5: "CheckpointRestoreFailed"}
+    message = st.explain_exit_code(code) + (f": {detail.strip()[:1500]}" if detail.strip() else "")
+    return reason.get(code, "TrainerFailed"), message
+
+
+def _announce(
+    body: Mapping[str, Any],
+    old: Mapping[str, Any],
+    patch: Mapping[str, Any],
+    report: Any,
+    pods: list[dict[str, Any]],
+) -> None:
+    """Kubernetes events for what a user wants to hear about: phases, restarts, checkpoints."""
+    ref = dict(body)
+    if patch.get("phase") != old.get("phase"):
+        kind = "Warning" if patch["phase"] == Phase.FAILED.value else "Normal"
+        message = str(patch.get("message") or patch["phase"])
+        _event(ref, kind, reason=str(patch["phase"]), message=message)
+    if int(patch.get("restarts") or 0) > int(old.get("restarts") or 0):
+        _event(ref, "Warning", reason="TrainerRestarted", message=_restart_message(pods))
+    new_ckpt, old_ckpt = patch.get("checkpoint") or {}, old.get("checkpoint") or {}
+    if new_ckpt.get("verified") and (new_ckpt.get("step"), True) != (
+        old_ckpt.get("step"),
+        old_ckpt.get("verified"),
+    ):
+        message = f"step {new_ckpt.get('step')}: {new_ckpt.get('uri')}"
+        _event(ref, "Normal", reason="CheckpointVerified", message=message)
+
+
+def _restart_message(pods: list[dict[str, Any]]) -> str:
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    exit_info = _exit(failed[-1]) if failed else None
+    code = exit_info[0] if exit_info else -1
+    return (
+        f"trainer pod ended ({st.explain_exit_code(code)}); "
+        "the next pod resumes from the last verified checkpoint"
+    )
+
+
+def _changed(old: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    return any(old.get(k) != v for k, v in patch.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _record_metrics(body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    metrics.set_job_phase(namespace, name, str(patch.get("phase")), PHASES)
+    old_restarts = int((body.get("status") or {}).get("restarts") or 0)
+    if int(patch.get("restarts") or 0) > old_restarts:
+        metrics.JOB_RESTARTS.labels(namespace, name).inc(int(patch["restarts"]) - old_restarts)
+    progress = patch.get("progress") or {}
+    if progress.get("step") and (namespace, name) not in _first_step_seen:
+        _first_step_seen.add((namespace, name))
+        created = datetime.fromisoformat(str(body["metadata"]["creationTimestamp"]).replace("Z", "+00:00"))
+        metrics.TIME_TO_FIRST_STEP.labels(namespace, name).set((datetime.now(UTC) - created).total_seconds())
+    checkpoint = patch.get("checkpoint") or {}
+    if checkpoint.get("verified"):
+        _checkpoint_seen(namespace, name, int(checkpoint.get("step") or 0))
+
+
+_checkpoints_seen: dict[tuple[str, str], tuple[int, float]] = {}
+_first_step_seen: set[tuple[str, str]] = set()
+
+
+def _checkpoint_seen(namespace: str, name: str, step: int) -> None:
+    key = (namespace, name)
+    now = datetime.now(UTC).timestamp()
+    if key not in _checkpoints_seen or _checkpoints_seen[key][0] != step:
+        _checkpoints_seen[key] = (step, now)
+    metrics.CHECKPOINT_STEP.labels(namespace, name).set(step)
+    metrics.CHECKPOINT_AGE.labels(namespace, name).set(now - _checkpoints_seen[key][1])
+
+
+def _update_fleet_gauge() -> None:
+    counts: dict[tuple[str, str], int] = {}
+    for item in _kube().list_job_resources():
+        phase = (item.get("status") or {}).get("phase") or Phase.PENDING.value
+        key = (item["metadata"]["namespace"], phase)
+        counts[key] = counts.get(key, 0) + 1
+    metrics.JOBS.clear()
+    for (namespace, phase), count in counts.items():
+        metrics.JOBS.labels(namespace, phase).set(count)
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
+def forget(meta: kopf.Meta, **_: Any) -> None:
+    """Children go with their owner (ownerReferences); only the metrics need forgetting."""
+    metrics.forget_job(str(meta["namespace"]), str(meta["name"]), PHASES)
+    _checkpoints_seen.pop((str(meta["namespace"]), str(meta["name"])), None)
+    _first_step_seen.discard((str(meta["namespace"]), str(meta["name"])))

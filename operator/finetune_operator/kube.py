@@ -1,0 +1,167 @@
+"""The few API calls the handlers make, over the official client. Nothing here decides anything."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from finetune_operator import api
+
+FIELD_MANAGER = "finetune-operator"
+
+# Where each kind the operator creates lives in the API (group/version path, plural).
+_PATHS = {
+    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
+}
+
+
+def connect() -> Any:
+    """An API client: in-cluster when running in a pod, else the current kubeconfig."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@dataclass
+class Kube:
+    """Thin, typed-at-the-edges access to the objects a FineTuneJob involves."""
+
+    api_client: Any
+
+    @property
+    def core(self) -> Any:
+        return client.CoreV1Api(self.api_client)
+
+    def _path(self, manifest: Mapping[str, Any]) -> str:
+        prefix, plural = _PATHS[(manifest["apiVersion"], manifest["kind"])]
+        meta = manifest["metadata"]
+        return f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}"
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: idempotent create-or-update owned by the operator."""
+        result = self.api_client.call_api(
+            self._path(manifest),
+            "PATCH",
+            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+            body=dict(manifest),
+            response_type="object",
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )
+        return dict(result)
+
+    def create_if_absent(self, manifest: Mapping[str, Any]) -> None:
+        """For objects another party writes after creation (the trainer's progress ConfigMap)."""
+        try:
+            self.core.create_namespaced_config_map(manifest["metadata"]["namespace"], dict(manifest))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def get(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            result = self.api_client.call_api(
+                self._path(manifest),
+                "GET",
+                header_params={"Accept": "application/json"},
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(result)
+
+    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        client.BatchV1Api(self.api_client).patch_namespaced_job(
+            name, namespace, {"spec": {"suspend": suspend}}
+        )
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            job = client.BatchV1Api(self.api_client).read_namespaced_job(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(self.api_client.sanitize_for_serialization(job))
+
+    def pods_of(self, namespace: str, job_uid: str, label: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{label}={job_uid}")
+        return [self.api_client.sanitize_for_serialization(p) for p in pods.items]
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def secret_keys(self, namespace: str, names: set[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+        """Which keys each named Secret has, and its resourceVersion. Values are never kept."""
+        keys: dict[str, set[str]] = {}
+        versions: dict[str, str] = {}
+        for name in sorted(names):
+            try:
+                secret = self.core.read_namespaced_secret(name, namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            keys[name] = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+            versions[name] = str(secret.metadata.resource_version)
+        return keys, versions
+
+    def node_labels(self) -> tuple[list[dict[str, str]], list[str]]:
+        """Labels and provider ids of the nodes, for environment detection. Empty when not allowed."""
+        try:
+            nodes = self.core.list_node().items
+        except ApiException as exc:
+            if exc.status == 403:
+                return [], []
+            raise
+        return [dict(n.metadata.labels or {}) for n in nodes], [n.spec.provider_id or "" for n in nodes]
+
+    def read_job_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = client.CustomObjectsApi(self.api_client).get_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(obj)
+
+    def list_job_resources(self) -> list[dict[str, Any]]:
+        objs = client.CustomObjectsApi(self.api_client).list_cluster_custom_object(
+            api.GROUP, api.VERSION, api.PLURAL
+        )
+        return list(objs.get("items", []))
+
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": dict(patch)}
+        )
