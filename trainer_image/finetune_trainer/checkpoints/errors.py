@@ -1,0 +1,25 @@
+"""Errors of the checkpoint store; each message names the setting, the value and the fix."""
+
+from __future__ import annotations
+
+from finetune_trainer.sink import CheckpointRestoreError
+
+
+class CheckpointStoreError(Exception):
+    """The store cannot be used as configured (credentials, bucket, endpoint) or a transfer failed."""
+
+
+class CheckpointConflictError(CheckpointStoreError):
+    """Another writer already committed a different checkpoint at this key."""
+
+
+class CheckpointVerificationError(CheckpointRestoreError):
+    """A committed checkpoint does not restore to what was saved."""
+
+
+__all__ = [
+    "CheckpointConflictError",
+    "CheckpointRestoreError",
+    "CheckpointStoreError",
+    "CheckpointVerificationError",
+]
