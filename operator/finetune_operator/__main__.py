@@ -13,8 +13,9 @@ from finetune_operator.settings import OperatorSettings
 
 def main() -> None:
     settings = OperatorSettings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf owns the log format (one line per record, with the object it concerns).
     kopf.configure(verbose=settings.log_level == "DEBUG")
+    logging.getLogger().setLevel(settings.log_level)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     asyncio.run(
         kopf.operator(

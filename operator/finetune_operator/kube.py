@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client, config, dynamic
 from kubernetes.client.rest import ApiException
 
 from finetune_operator import api
 
 FIELD_MANAGER = "finetune-operator"
-
-# Where each kind the operator creates lives in the API (group/version path, plural).
-_PATHS = {
-    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
-    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
-    ("v1", "Service"): ("/api/v1", "services"),
-    ("rbac.authorization.k8s.io/v1", "Role"): ("/apis/rbac.authorization.k8s.io/v1", "roles"),
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),
-}
 
 
 def connect() -> Any:
@@ -38,29 +28,26 @@ class Kube:
     """Thin, typed-at-the-edges access to the objects a FineTuneJob involves."""
 
     api_client: Any
+    _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def core(self) -> Any:
         return client.CoreV1Api(self.api_client)
 
-    def _path(self, manifest: Mapping[str, Any]) -> str:
-        prefix, plural = _PATHS[(manifest["apiVersion"], manifest["kind"])]
-        meta = manifest["metadata"]
-        return f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}"
+    def _resource(self, manifest: Mapping[str, Any]) -> Any:
+        if "dynamic" not in self._cache:
+            self._cache["dynamic"] = dynamic.DynamicClient(self.api_client)
+        return self._cache["dynamic"].resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply: idempotent create-or-update owned by the operator."""
-        result = self.api_client.call_api(
-            self._path(manifest),
-            "PATCH",
-            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-            header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+        result = self._resource(manifest).server_side_apply(
             body=dict(manifest),
-            response_type="object",
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
+            namespace=manifest["metadata"]["namespace"],
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
         )
-        return dict(result)
+        return dict(result.to_dict())
 
     def create_if_absent(self, manifest: Mapping[str, Any]) -> None:
         """For objects another party writes after creation (the trainer's progress ConfigMap)."""
@@ -69,22 +56,6 @@ class Kube:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-
-    def get(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-        try:
-            result = self.api_client.call_api(
-                self._path(manifest),
-                "GET",
-                header_params={"Accept": "application/json"},
-                response_type="object",
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(result)
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         client.BatchV1Api(self.api_client).patch_namespaced_job(

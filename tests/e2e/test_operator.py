@@ -1,0 +1,209 @@
+"""The operator on a real control plane: the checklist enforced at apply time and before launch,
+children created and owned, status and events a user can read, and secrets never leaked."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from localcluster import ClusterInfo
+from localcluster.testing import events_for, wait_for
+from localcluster.tools import tool
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+CANARY = "canary-3c9d1e-never-print-me"
+
+
+def ftj(name: str, **spec_changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "goal": {"task": "answer support tickets", "metrics": ["exact_match"]},
+        "model": {"source": "s3://models/tiny", "parameters": "5M"},
+        "dataset": {"source": "s3://data/tickets.jsonl", "format": "alpaca"},
+        "method": {"type": "lora"},
+        "checkpoints": {"store": {"bucket": "ckpt", "credentialsSecret": "s3-creds"}},
+        "env": [{"name": "SUPABASE_SERVICE_ROLE_KEY", "secretKeyRef": {"name": "persistence", "key": "key"}}],
+        "suspend": True,
+    }
+    spec.update(copy.deepcopy(spec_changes))
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def custom(kube: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(kube)
+
+
+def get_ftj(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return custom(kube).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)  # type: ignore[no-any-return]
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return cond  # type: ignore[no-any-return]
+    return None
+
+
+def make_secrets(core: client.CoreV1Api, namespace: str) -> None:
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "s3-creds"}, "stringData": {"accessKeyId": "id", "secretAccessKey": CANARY}},
+    )
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "persistence"}, "stringData": {"key": CANARY}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"method": {"type": "qlora", "deepspeed": {"stage": 2}}}, "deepspeed"),
+        ({"method": {"type": "lora"}, "resources": {"nodes": 2}}, "nodes"),
+        ({"env": [{"name": "SUPABASE_SERVICE_ROLE_KEY", "value": "plain"}]}, "secretKeyRef"),
+        ({"hyperparameters": {"learningRate": -1}}, "learningRate"),
+        ({"dataset": {"source": "s3://d/x.jsonl", "format": "yaml"}}, "format"),
+    ],
+)
+def test_bad_specs_are_refused_at_apply_time_naming_the_field(
+    kube: client.ApiClient, crd: None, namespace: str, change: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ApiException) as exc:
+        custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("bad", **change))
+    assert exc.value.status == 422
+    assert field in exc.value.body
+
+
+def test_kubectl_explain_teaches_the_method_field(cluster: ClusterInfo, crd: None) -> None:
+    def explain() -> str:
+        # The API server publishes a new CRD's OpenAPI a few seconds after it is Established.
+        result = subprocess.run(
+            [str(tool("kubectl")), "--kubeconfig", cluster.kubeconfig, "explain", "ftj.spec.method"],
+            capture_output=True,
+            text=True,
+        )
+        return result.stdout if result.returncode == 0 else ""
+
+    out = wait_for(explain, 60, "kubectl explain ftj.spec.method")
+    assert "FIELD: method" in out
+    assert "qlora" in out.lower()
+
+
+def test_missing_secret_blocks_launch_until_created(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("needs-secrets"))
+
+    def secrets_not_ready() -> dict[str, Any] | None:
+        cond = condition(get_ftj(kube, namespace, "needs-secrets"), "SecretsReady")
+        return cond if cond and cond["status"] == "False" else None
+
+    cond = wait_for(secrets_not_ready, 30, "SecretsReady=False")
+    assert "s3-creds" in cond["message"] and "persistence" in cond["message"]
+    assert not client.BatchV1Api(kube).list_namespaced_job(namespace).items
+
+    make_secrets(core, namespace)
+    wait_for(
+        lambda: client.BatchV1Api(kube).list_namespaced_job(namespace).items,
+        60,
+        "the training Job once the secrets exist",
+    )
+    ready = wait_for(
+        lambda: (
+            (c := condition(get_ftj(kube, namespace, "needs-secrets"), "SecretsReady"))
+            and c["status"] == "True"
+            and c
+        ),
+        30,
+        "SecretsReady=True",
+    )
+    assert CANARY not in json.dumps(ready)
+
+
+def test_children_are_owned_labelled_and_collected(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, cluster: ClusterInfo, namespace: str
+) -> None:
+    make_secrets(core, namespace)
+    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("support-bot"))
+    batch = client.BatchV1Api(kube)
+    job = wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, "the training Job")[0]
+    assert job.spec.suspend is True
+    assert job.metadata.owner_references[0].kind == "FineTuneJob"
+    pod_spec = job.spec.template.spec
+    assert pod_spec.security_context.run_as_non_root is True
+    env = {e.name: e for e in pod_spec.containers[0].env}
+    assert env["SUPABASE_SERVICE_ROLE_KEY"].value_from.secret_key_ref.name == "persistence"
+    assert env["JOB_ID"].value == get_ftj(kube, namespace, "support-bot")["metadata"]["uid"]
+
+    status = wait_for(
+        lambda: get_ftj(kube, namespace, "support-bot").get("status", {}).get("method"), 30, "status.method"
+    )
+    assert status["type"] == "lora"
+    assert any(e.startswith("MethodChosen") for e in events_for(core, namespace, "support-bot"))
+    table = subprocess.run(
+        [str(tool("kubectl")), "--kubeconfig", cluster.kubeconfig, "-n", namespace, "get", "ftj"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "support-bot" in table and "lora" in table
+
+    custom(kube).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "support-bot")
+    wait_for(
+        lambda: (
+            not batch.list_namespaced_job(namespace).items
+            and not [
+                c
+                for c in core.list_namespaced_config_map(namespace).items
+                if c.metadata.name.startswith("support-bot")
+            ]
+        ),
+        60,
+        "children to be garbage-collected",
+    )
+
+
+def test_refused_full_fine_tune_on_tiny_declared_data(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    make_secrets(core, namespace)
+    spec = ftj(
+        "tiny-full",
+        method={"type": "full"},
+        dataset={"source": "s3://d/x.jsonl", "format": "alpaca", "expectedExamples": 300},
+    )
+    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, spec)
+    obj = wait_for(
+        lambda: (o := get_ftj(kube, namespace, "tiny-full")).get("status", {}).get("phase") == "Failed" and o,
+        30,
+        "the job to be refused",
+    )
+    assert "300" in obj["status"]["message"]
+    assert "lora" in obj["status"]["message"].lower()
+    assert not client.BatchV1Api(kube).list_namespaced_job(namespace).items
+
+
+def test_no_secret_value_in_status_events_or_operator_log(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    make_secrets(core, namespace)
+    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("quiet"))
+    wait_for(lambda: client.BatchV1Api(kube).list_namespaced_job(namespace).items, 60, "the training Job")
+    obj = get_ftj(kube, namespace, "quiet")
+    events = core.list_namespaced_event(namespace).items
+    config = core.list_namespaced_config_map(namespace).items
+    assert CANARY not in json.dumps(obj)
+    assert CANARY not in " ".join(f"{e.reason} {e.message}" for e in events)
+    assert CANARY not in json.dumps([c.data for c in config])
+    assert CANARY not in operator.log_text()
