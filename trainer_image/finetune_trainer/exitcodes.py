@@ -1,0 +1,13 @@
+"""Exit codes of `python -m finetune_trainer`, shared with the operator."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    SUCCEEDED = 0
+    FAILED = 1  # unexpected error
+    INVALID_CONFIG = 2
+    SUCCESS_CRITERIA_NOT_MET = 3
+    DATA_REFUSED = 4  # small-data rule, failed tokenization checks, bad data
+    CHECKPOINT_RESTORE_FAILED = 5
+    PREEMPTED_CHECKPOINTED = 75  # SIGTERM and a committed checkpoint: resume, not a failure
