@@ -64,10 +64,10 @@ def operator(cluster: ClusterInfo, crd: None) -> Iterator[RunningOperator]:
     env = {
         **os.environ,
         **cluster.env(),
-        "FINETUNE_METRICS_PORT": str(metrics_port),
-        "FINETUNE_HEALTH_PORT": str(health_port),
-        "FINETUNE_ENVIRONMENT": "onprem",
-        "FINETUNE_GPU_MEMORY_GIB": "80",
+        "FINETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
+        "FINETUNE_OPERATOR_HEALTH_PORT": str(health_port),
+        "FINETUNE_OPERATOR_ENVIRONMENT": "onprem",
+        "FINETUNE_OPERATOR_GPU_MEMORY_GIB": "80",
     }
     with log.open("ab") as out:
         process = subprocess.Popen(

@@ -231,18 +231,31 @@ def _hyperparameters(hp: api.HyperparametersSpec) -> tc.Hyperparameters:
     )
 
 
-def _checkpoints(spec: FineTuneJobSpec) -> tc.Checkpoints:
+def _store(spec: FineTuneJobSpec, settings: OperatorSettings) -> tc.S3Store:
+    """The job's store; a job without an endpoint uses the cluster's store from the settings."""
+    store = spec.checkpoints.store
+    path_style, checksum_mode = store.path_style, store.checksum_mode.value
+    endpoint, region = store.endpoint, store.region
+    if not endpoint and settings.checkpoint_endpoint:
+        endpoint = settings.checkpoint_endpoint
+        region = region or settings.checkpoint_region
+        if settings.checkpoint_path_style is not None:
+            path_style = settings.checkpoint_path_style
+        checksum_mode = settings.checkpoint_checksum_mode or checksum_mode
+    return tc.S3Store(
+        endpoint=endpoint,
+        region=region or settings.checkpoint_region,
+        bucket=store.bucket,
+        prefix=store.prefix,
+        path_style=path_style,
+        checksum_mode=checksum_mode,
+    )
+
+
+def _checkpoints(spec: FineTuneJobSpec, settings: OperatorSettings) -> tc.Checkpoints:
     ckpt = spec.checkpoints
-    store = ckpt.store
     return tc.Checkpoints(
-        store=tc.S3Store(
-            endpoint=store.endpoint,
-            region=store.region,
-            bucket=store.bucket,
-            prefix=store.prefix,
-            path_style=store.path_style,
-            checksum_mode=store.checksum_mode.value,
-        ),
+        store=_store(spec, settings),
         every_steps=ckpt.every_steps,
         keep=ckpt.keep,
         verify_restore=ckpt.verify_restore,
@@ -285,7 +298,7 @@ def build_trainer_config(
         method=_method(spec, decision),
         hyperparameters=_hyperparameters(spec.hyperparameters),
         environment=tc.Environment(is_cloud=is_cloud),
-        checkpoints=_checkpoints(spec),
+        checkpoints=_checkpoints(spec, settings),
         validation=_validation(spec.validation),
         report=tc.Report(config_map=child_names(job.name).progress, namespace=job.namespace),
         metrics_port=settings.trainer_metrics_port,
@@ -317,14 +330,17 @@ def build_progress_config_map(job: JobRef) -> Manifest:
     }
 
 
-def build_rbac(job: JobRef) -> list[Manifest]:
+def build_rbac(job: JobRef, service_account_annotations: Mapping[str, str] | None = None) -> list[Manifest]:
     """ServiceAccount, Role and RoleBinding: the trainer may get and patch its progress ConfigMap
-    (by name) and nothing else."""
+    (by name) and nothing else. Annotations carry cloud identity (IAM roles for service accounts)."""
     names = child_names(job.name)
+    account_meta = _metadata(job, names.trainer)
+    if service_account_annotations:
+        account_meta["annotations"] = dict(service_account_annotations)
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(job, names.trainer),
+        "metadata": account_meta,
         # Only the trainer pod, which opts in, gets a token.
         "automountServiceAccountToken": False,
     }
@@ -634,7 +650,8 @@ def build_children(
     its resourceVersion (for the rotation hash)."""
     config = build_trainer_config(job, spec, decision, settings, is_cloud=is_cloud)
     config_map = build_config_map(job, config)
-    children = [*build_rbac(job), build_progress_config_map(job), config_map]
+    rbac = build_rbac(job, settings.trainer_service_account_annotations)
+    children = [*rbac, build_progress_config_map(job), config_map]
     service = build_headless_service(job, spec)
     if service is not None:
         children.append(service)

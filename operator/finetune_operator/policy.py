@@ -153,7 +153,7 @@ def resolve_environment(
     if spec.environment != Environment.AUTO:
         return spec.environment, f"spec.environment is {spec.environment.value}"
     if settings.environment != Environment.AUTO:
-        return settings.environment, f"operator setting FINETUNE_ENVIRONMENT is {settings.environment.value}"
+        return settings.environment, f"operator setting FINETUNE_OPERATOR_ENVIRONMENT is {settings.environment.value}"
     if cloud_detected:
         return Environment.CLOUD, "nodes carry cloud-provider labels"
     return Environment.ONPREM, "no node carries a cloud-provider label"
@@ -194,7 +194,7 @@ def hardware(spec: FineTuneJobSpec, settings: OperatorSettings) -> Hardware:
     if raw is not None and raw.isdigit() and int(raw) > 0:
         memory, source = int(raw) / 1024, f"nodeSelector {label}={raw} MiB"
     else:
-        memory, source = settings.gpu_memory_gib, "operator setting FINETUNE_GPU_MEMORY_GIB"
+        memory, source = settings.gpu_memory_gib, "operator setting FINETUNE_OPERATOR_GPU_MEMORY_GIB"
     return Hardware(memory, source, resources.gpus_per_node, resources.nodes)
 
 

@@ -1,19 +1,25 @@
-"""Operator settings, read from environment variables prefixed `FINETUNE_`.
+"""Operator settings, read from environment variables prefixed `FINETUNE_OPERATOR_` (the Helm chart sets them).
 
-- FINETUNE_ENVIRONMENT (auto): cloud, onprem, or auto (detect from node labels); used when a job
+- FINETUNE_OPERATOR_ENVIRONMENT (auto): cloud, onprem, or auto (detect from node labels); used when a job
   says `environment: auto`.
-- FINETUNE_GPU_MEMORY_GIB (24): memory of one GPU, when a job's nodeSelector has no GPU-memory label.
-- FINETUNE_GPU_MEMORY_LABEL (nvidia.com/gpu.memory): node label with GPU memory in MiB, as set by
+- FINETUNE_OPERATOR_GPU_MEMORY_GIB (24): memory of one GPU, when a job's nodeSelector has no GPU-memory label.
+- FINETUNE_OPERATOR_GPU_MEMORY_LABEL (nvidia.com/gpu.memory): node label with GPU memory in MiB, as set by
   NVIDIA GPU feature discovery.
-- FINETUNE_DEFAULT_MODEL_PARAMETERS (7B): parameter count assumed when spec.model.parameters is absent.
-- FINETUNE_TRAINER_IMAGE (ghcr.io/finetune-dev/finetune-trainer:0.1.0): image of the training pods.
-- FINETUNE_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
-- FINETUNE_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
-- FINETUNE_TRAINER_METRICS_PORT (9400): the trainer's Prometheus port (container port `metrics`).
-- FINETUNE_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
-- FINETUNE_METRICS_PORT (8080): the operator's Prometheus endpoint (/metrics).
-- FINETUNE_HEALTH_PORT (8081): the operator's liveness endpoint (/healthz).
-- FINETUNE_LOG_LEVEL (INFO): DEBUG, INFO, WARNING or ERROR.
+- FINETUNE_OPERATOR_DEFAULT_MODEL_PARAMETERS (7B): parameter count assumed when spec.model.parameters is absent.
+- FINETUNE_OPERATOR_TRAINER_IMAGE (ghcr.io/finetune-dev/finetune-trainer:0.1.0): image of the training pods.
+- FINETUNE_OPERATOR_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
+- FINETUNE_OPERATOR_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
+- FINETUNE_OPERATOR_TRAINER_METRICS_PORT (9400): the trainer's Prometheus port (container port `metrics`).
+- FINETUNE_OPERATOR_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
+- FINETUNE_OPERATOR_METRICS_PORT (8080): the operator's Prometheus endpoint (/metrics).
+- FINETUNE_OPERATOR_HEALTH_PORT (8081): the operator's liveness endpoint (/healthz).
+- FINETUNE_OPERATOR_LOG_LEVEL (INFO): DEBUG, INFO, WARNING or ERROR.
+- FINETUNE_OPERATOR_TRAINER_SERVICE_ACCOUNT_ANNOTATIONS ({}): JSON object put on every trainer
+  ServiceAccount (e.g. eks.amazonaws.com/role-arn for IAM roles for service accounts).
+- FINETUNE_OPERATOR_CHECKPOINT_ENDPOINT, _REGION, _PATH_STYLE, _CHECKSUM_MODE: the cluster's S3 store,
+  used by jobs whose spec.checkpoints.store.endpoint is empty.
+- FINETUNE_OPERATOR_CHECK_SECRETS (true), FINETUNE_OPERATOR_READ_NODES (true): what the operator's RBAC
+  allows; when false it skips the secret check (pods then wait for missing secrets) or node detection.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from finetune_operator.api import Environment
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FINETUNE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_OPERATOR_", frozen=True, extra="ignore")
 
     environment: Environment = Field(
         default=Environment.AUTO, description="Environment used when a job says auto."
@@ -66,6 +72,20 @@ class OperatorSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the operator."
     )
+
+    trainer_service_account_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations for every trainer ServiceAccount."
+    )
+    checkpoint_endpoint: str = Field(default="", description="Default S3 endpoint for checkpoints.")
+    checkpoint_region: str = Field(default="", description="Default S3 region for checkpoints.")
+    checkpoint_path_style: bool | None = Field(
+        default=None, description="Path-style addressing for the default endpoint."
+    )
+    checkpoint_checksum_mode: Literal["when_required", "when_supported"] | None = Field(
+        default=None, description="Checksum mode for the default endpoint."
+    )
+    check_secrets: bool = Field(default=True, description="Check referenced Secrets before launch.")
+    read_nodes: bool = Field(default=True, description="Read node labels to detect the environment.")
 
     @field_validator("namespaces", mode="before")
     @classmethod

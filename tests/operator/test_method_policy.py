@@ -190,8 +190,8 @@ def test_resolve_method(
     ("spec_env", "setting", "cloud", "expected", "source"),
     [
         ("onprem", "cloud", True, api.Environment.ONPREM, "spec.environment"),
-        ("auto", "onprem", True, api.Environment.ONPREM, "FINETUNE_ENVIRONMENT"),
-        ("auto", "cloud", False, api.Environment.CLOUD, "FINETUNE_ENVIRONMENT"),
+        ("auto", "onprem", True, api.Environment.ONPREM, "FINETUNE_OPERATOR_ENVIRONMENT"),
+        ("auto", "cloud", False, api.Environment.CLOUD, "FINETUNE_OPERATOR_ENVIRONMENT"),
         ("auto", "auto", True, api.Environment.CLOUD, "cloud-provider labels"),
         ("auto", "auto", False, api.Environment.ONPREM, "no node"),
     ],
@@ -313,7 +313,7 @@ def test_gpu_memory_preflight(
 
 def test_gpu_memory_falls_back_to_the_operator_setting(spec_dict: Callable[..., Spec]) -> None:
     hw = policy.hardware(api.parse_spec(spec_dict()), OperatorSettings(gpu_memory_gib=48))
-    assert (hw.gpu_memory_gib, hw.gpu_memory_source) == (48, "operator setting FINETUNE_GPU_MEMORY_GIB")
+    assert (hw.gpu_memory_gib, hw.gpu_memory_source) == (48, "operator setting FINETUNE_OPERATOR_GPU_MEMORY_GIB")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Operator settings come from FINETUNE_* environment variables."""
+"""Operator settings come from FINETUNE_OPERATOR_* environment variables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from finetune_operator.settings import OperatorSettings
 
 
 def test_defaults_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("FINETUNE_ENVIRONMENT", "FINETUNE_GPU_MEMORY_GIB", "FINETUNE_NAMESPACES"):
+    for name in ("FINETUNE_OPERATOR_ENVIRONMENT", "FINETUNE_OPERATOR_GPU_MEMORY_GIB", "FINETUNE_OPERATOR_NAMESPACES"):
         monkeypatch.delenv(name, raising=False)
     settings = OperatorSettings()
     assert settings.environment == Environment.AUTO
@@ -19,10 +19,10 @@ def test_defaults_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_values_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_ENVIRONMENT", "onprem")
-    monkeypatch.setenv("FINETUNE_GPU_MEMORY_GIB", "80")
-    monkeypatch.setenv("FINETUNE_NAMESPACES", "team-a, team-b,,")
-    monkeypatch.setenv("FINETUNE_TRAINER_IMAGE", "registry.local/trainer:dev")
+    monkeypatch.setenv("FINETUNE_OPERATOR_ENVIRONMENT", "onprem")
+    monkeypatch.setenv("FINETUNE_OPERATOR_GPU_MEMORY_GIB", "80")
+    monkeypatch.setenv("FINETUNE_OPERATOR_NAMESPACES", "team-a, team-b,,")
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_IMAGE", "registry.local/trainer:dev")
     settings = OperatorSettings()
     assert settings.environment == Environment.ONPREM
     assert settings.gpu_memory_gib == 80
@@ -33,15 +33,15 @@ def test_values_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("FINETUNE_ENVIRONMENT", "moon"),
-        ("FINETUNE_GPU_MEMORY_GIB", "-1"),
-        ("FINETUNE_TRAINER_RUN_AS_USER", "0"),
-        ("FINETUNE_DEFAULT_MODEL_PARAMETERS", "big"),
+        ("FINETUNE_OPERATOR_ENVIRONMENT", "moon"),
+        ("FINETUNE_OPERATOR_GPU_MEMORY_GIB", "-1"),
+        ("FINETUNE_OPERATOR_TRAINER_RUN_AS_USER", "0"),
+        ("FINETUNE_OPERATOR_DEFAULT_MODEL_PARAMETERS", "big"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValidationError, match=name.removeprefix("FINETUNE_").lower()):
+    with pytest.raises(ValidationError, match=name.removeprefix("FINETUNE_OPERATOR_").lower()):
         OperatorSettings()

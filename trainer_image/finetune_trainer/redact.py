@@ -7,9 +7,11 @@ import os
 import re
 from collections.abc import Mapping
 
-# Name parts (split on "_") that mark a secret: AWS_SECRET_ACCESS_KEY, HF_TOKEN, but not TOKENIZERS_PARALLELISM.
+# Name parts (split on "_") that mark a secret: AWS_SECRET_ACCESS_KEY and HF_TOKEN,
+# but not TOKENIZERS_PARALLELISM.
 SECRET_PARTS = frozenset(
-    ["KEY", "KEYS", "APIKEY", "SECRET", "SECRETS", "TOKEN", "PASSWORD", "PASSWD", "PASS", "CREDENTIAL", "CREDENTIALS", "AUTH", "PRIVATE", "DSN"]
+    {"KEY", "KEYS", "APIKEY", "SECRET", "SECRETS", "TOKEN", "PASSWORD", "PASSWD", "PASS"}
+    | {"CREDENTIAL", "CREDENTIALS", "AUTH", "PRIVATE", "DSN"}
 )
 MASK = "***"
 _MIN_SECRET_LEN = 6  # shorter values would mask ordinary words

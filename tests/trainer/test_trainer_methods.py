@@ -1,0 +1,66 @@
+"""Method mechanics: DeepSpeed config generation, LoRA and QLoRA wrapping on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune_trainer.config import DeepSpeed, Hyperparameters, Method, ModelSource
+from finetune_trainer.methods.deepspeed import zero_config
+from finetune_trainer.methods.loading import load_for_training
+
+
+def test_zero2_config_from_the_spec() -> None:
+    hp = Hyperparameters(batch_size=4, gradient_accumulation=8)
+    config = zero_config(DeepSpeed(enabled=True, stage=2, offload="optimizer"), hp, bf16=True)
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 8
+    assert config["bf16"] == {"enabled": True}
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in config["zero_optimization"]
+
+
+def test_zero3_with_parameter_offload() -> None:
+    config = zero_config(
+        DeepSpeed(enabled=True, stage=3, offload="optimizer+params"), Hyperparameters(), False
+    )
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def _step(model: torch.nn.Module) -> tuple[float, float]:
+    ids = torch.randint(10, 200, (2, 16))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_lora_trains_only_the_adapter(tiny_model: Path) -> None:
+    model = load_for_training(
+        str(tiny_model), ModelSource(source=str(tiny_model)), Method(type="lora"), False
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    first, last = _step(model)
+    assert last < first
+
+
+def test_qlora_runs_4bit_forward_backward_on_cpu(tiny_model: Path) -> None:
+    """bitsandbytes' CPU backend quantizes to NF4 and trains the adapter on top."""
+    import bitsandbytes as bnb
+
+    method = Method.model_validate({"type": "qlora", "quantization": {"computeDtype": "float32"}})
+    model = load_for_training(str(tiny_model), ModelSource(source=str(tiny_model)), method, False)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    first, last = _step(model)
+    assert last < first

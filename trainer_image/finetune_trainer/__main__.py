@@ -1,0 +1,101 @@
+"""`python -m finetune_trainer --config PATH`: validate, diagnose, train, exit with a contract code.
+
+The config is validated before torch or transformers are imported, so a bad config
+fails in well under a second with one line per bad field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from finetune_trainer.config import (
+    CONFIG_PATH_ENV,
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    TrainerConfig,
+    load_config,
+)
+from finetune_trainer.exitcodes import ExitCode
+from finetune_trainer.redact import RedactingFilter, redact
+
+log = logging.getLogger("finetune_trainer")
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer", description=__doc__)
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH),
+        help=f"trainer config JSON (default: ${CONFIG_PATH_ENV} or {DEFAULT_CONFIG_PATH})",
+    )
+    return parser.parse_args(argv)
+
+
+def _invalid(messages: list[str]) -> ExitCode:
+    log.error("invalid config:\n  %s", "\n  ".join(messages))
+    return ExitCode.INVALID_CONFIG
+
+
+def run_config(config: TrainerConfig) -> ExitCode:
+    from finetune_trainer import runtime
+
+    missing = runtime.missing_env(config, os.environ)
+    if missing:
+        return _invalid(
+            [
+                f"env {name}: not set (fix: set it on the trainer pod; the operator sets JOB_ID)"
+                for name in missing
+            ]
+        )
+    from finetune_trainer.data.errors import DataError
+    from finetune_trainer.methods.loading import MethodError
+    from finetune_trainer.report_model import Phase
+    from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
+    from finetune_trainer.sink import CheckpointRestoreError
+    from finetune_trainer.train import run
+
+    metrics = TrainerMetrics(config.job.namespace, config.job.name)
+    reporter = ProgressReporter(config)
+    flags = runtime.log_startup(config)
+    metrics.set_runtime(flags | runtime.library_versions())
+    metrics.serve(config.metrics_port)
+    try:
+        return run(config, metrics, reporter)
+    except (ConfigError, MethodError) as exc:
+        code, messages = ExitCode.INVALID_CONFIG, getattr(exc, "messages", [str(exc)])
+    except DataError as exc:
+        code, messages = ExitCode.DATA_REFUSED, [str(exc)]
+    except CheckpointRestoreError as exc:
+        code, messages = ExitCode.CHECKPOINT_RESTORE_FAILED, [str(exc)]
+    except Exception as exc:
+        log.exception("training failed unexpectedly")
+        code, messages = ExitCode.FAILED, [f"unexpected error: {type(exc).__name__}: {exc}"]
+    log.error("%s", "\n".join(messages))
+    reporter.update(phase=Phase.FAILED, message=redact("\n".join(messages)), force=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return int(_invalid(exc.messages))
+    return int(run_config(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

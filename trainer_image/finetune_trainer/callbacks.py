@@ -1,0 +1,226 @@
+"""Trainer callbacks: metrics and progress, loss divergence, prompts each epoch, checkpoints, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from finetune_trainer import evaluation
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.report_model import Phase, Progress
+from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
+from finetune_trainer.sink import CheckpointSink
+
+log = logging.getLogger(__name__)
+DIVERGENCE_WARMUP_LOGS = 3  # early losses swing; judge spikes after a few logs
+
+
+@dataclass
+class RunState:
+    """What callbacks learned that decides the exit code."""
+
+    stop_reason: str = ""
+    preempted: bool = False
+    checkpoint_steps: list[int] = field(default_factory=list)
+
+
+class ProgressCallback(TrainerCallback):
+    """Training metrics, progress report and loss divergence."""
+
+    def __init__(
+        self,
+        metrics: TrainerMetrics,
+        reporter: ProgressReporter,
+        run: RunState,
+        tokens_per_step: float,
+        samples_per_step: float,
+        spike_factor: float,
+    ) -> None:
+        self.metrics, self.reporter, self.run = metrics, reporter, run
+        self.tokens_per_step, self.samples_per_step = tokens_per_step, samples_per_step
+        self.spike_factor = spike_factor
+        self._start = time.monotonic()
+        self._start_step = 0
+        self._min_loss = math.inf
+        self._logs = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self._start, self._start_step = time.monotonic(), state.global_step
+        self.metrics.labels(self.metrics.total_steps).set(state.max_steps)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Any = None,
+        **kw: Any,
+    ) -> None:
+        logs = logs or {}
+        m = self.metrics
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        steps_per_s = (state.global_step - self._start_step) / elapsed
+        m.labels(m.step).set(state.global_step)
+        m.labels(m.epoch).set(state.epoch or 0.0)
+        m.labels(m.tokens_per_second).set(steps_per_s * self.tokens_per_step)
+        m.labels(m.samples_per_second).set(steps_per_s * self.samples_per_step)
+        m.set_gpu_memory()
+        if "learning_rate" in logs:
+            m.labels(m.learning_rate).set(logs["learning_rate"])
+        if "loss" in logs:
+            m.labels(m.train_loss).set(logs["loss"])
+            self._check_divergence(float(logs["loss"]), state, control)
+        remaining = state.max_steps - state.global_step
+        self.reporter.update(
+            phase=Phase.TRAINING,
+            progress=Progress(
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=round(state.epoch or 0.0, 3),
+                loss=logs.get("loss"),
+                learning_rate=logs.get("learning_rate"),
+                tokens_per_second=round(steps_per_s * self.tokens_per_step, 1),
+                eta_seconds=round(remaining / steps_per_s, 1) if steps_per_s > 0 else None,
+            ),
+        )
+
+    def _check_divergence(self, loss: float, state: TrainerState, control: TrainerControl) -> None:
+        self._logs += 1
+        if not math.isfinite(loss):
+            reason = f"training loss became {loss} at step {state.global_step}"
+        elif self._logs > DIVERGENCE_WARMUP_LOGS and loss > self.spike_factor * self._min_loss:
+            reason = (
+                f"training loss spiked to {loss:.4g} at step {state.global_step}, more than "
+                f"{self.spike_factor:g}x its minimum {self._min_loss:.4g} "
+                "(fix: lower hyperparameters.learningRate or raise hyperparameters.lossSpikeFactor)"
+            )
+        else:
+            self._min_loss = min(self._min_loss, loss)
+            return
+        self.run.stop_reason = f"diverged: {reason}"
+        log.error("stopping: %s", self.run.stop_reason)
+        control.should_training_stop = True
+
+
+class EvalMetricsCallback(TrainerCallback):
+    def __init__(self, metrics: TrainerMetrics) -> None:
+        self.metrics = metrics
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: Any = None,
+        **kw: Any,
+    ) -> None:
+        if metrics and "eval_loss" in metrics:
+            self.metrics.labels(self.metrics.eval_loss).set(metrics["eval_loss"])
+            self.metrics.set_eval(evaluation.loss_metrics(metrics["eval_loss"]), "validation")
+
+
+class PromptsCallback(TrainerCallback):
+    """Each epoch: generate the job's prompts, store them, and run the predictions diagnostic."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        tokenizer: Any,
+        out_dir: Path,
+        metrics: TrainerMetrics,
+        reporter: ProgressReporter,
+    ) -> None:
+        self.config, self.tokenizer, self.out_dir = config, tokenizer, out_dir
+        self.metrics, self.reporter = metrics, reporter
+
+    def on_epoch_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kw: Any,
+    ) -> None:
+        if model is None or not self.config.validation.every_epoch:
+            return
+        predictions = diagnose_model(
+            self.config, model, self.tokenizer, self.out_dir / "prompts", f"epoch-{round(state.epoch or 0)}"
+        )
+        self.metrics.set_predictions(predictions)
+        self.reporter.update(predictions=predictions)
+
+
+def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Path, name: str) -> Any:
+    """Generate validation prompts and scenarios, store them as JSONL, return the diagnostic."""
+    v = config.validation
+    texts = [*v.prompts, *(s.prompt for s in v.held_out_scenarios)]
+    expected: list[str | None] = [None] * len(v.prompts) + [s.expect for s in v.held_out_scenarios]
+    if not texts:
+        return evaluation.diagnose([], [], [])
+    outputs = evaluation.generate(
+        model, tokenizer, [evaluation.user_prompt(tokenizer, t) for t in texts], v.max_new_tokens
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as out:
+        for text, output in zip(texts, outputs, strict=True):
+            out.write(json.dumps({"prompt": text, "output": output.text, "stopped": output.stopped}) + "\n")
+    return evaluation.diagnose(texts, outputs, expected)
+
+
+class CheckpointCallback(TrainerCallback):
+    """After each save: add sidecar files and hand the folder to the sink."""
+
+    def __init__(
+        self, sink: CheckpointSink, sidecar_dir: Path, reporter: ProgressReporter, run: RunState
+    ) -> None:
+        self.sink, self.sidecar_dir, self.reporter, self.run = sink, sidecar_dir, reporter, run
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            return
+        for sidecar in self.sidecar_dir.glob("*.j*"):  # json and jinja sidecars
+            shutil.copy2(sidecar, folder / sidecar.name)
+        metrics = {
+            k: float(v)
+            for k, v in (state.log_history[-1] if state.log_history else {}).items()
+            if isinstance(v, int | float)
+        }
+        info = self.sink.save(folder, state.global_step, metrics)
+        self.run.checkpoint_steps.append(state.global_step)
+        if info is not None:
+            self.reporter.update(checkpoint=info)
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM: save a checkpoint at the end of the current step, then stop (exit 75)."""
+
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        self._signalled = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self._signalled = True
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self._signalled:
+            self.run.preempted = True
+            control.should_save = True
+            control.should_training_stop = True

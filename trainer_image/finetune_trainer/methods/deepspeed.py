@@ -1,0 +1,40 @@
+"""DeepSpeed ZeRO configuration generated from the job spec (deepspeed itself is imported lazily)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_trainer.config import DeepSpeed, Hyperparameters
+
+
+def zero_config(ds: DeepSpeed, hp: Hyperparameters, bf16: bool) -> dict[str, Any]:
+    """A ZeRO-2/3 config for transformers' Trainer; "auto" values are filled in by the Trainer."""
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if ds.offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.stage == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    return {
+        "train_micro_batch_size_per_gpu": hp.batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation,
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+    }
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None

@@ -1,0 +1,113 @@
+"""Load the base model and tokenizer, and wrap the model for the configured method."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer.config import Method, ModelSource, S3Store
+
+log = logging.getLogger(__name__)
+
+
+class MethodError(Exception):
+    """The method cannot run here (missing library or device); the message says how to fix it."""
+
+
+def resolve_model_path(model: ModelSource, store: S3Store, cache_dir: Path) -> str:
+    """A local folder or hub id that `from_pretrained` can read."""
+    source = model.source
+    if source.startswith("s3://"):
+        from finetune_trainer.data.sources import download_s3
+
+        target = cache_dir / "base-model"
+        target.mkdir(parents=True, exist_ok=True)
+        return str(download_s3(source.rstrip("/") + "/", store, target))
+    if source.startswith("hf://"):
+        return source.removeprefix("hf://")
+    if not Path(source).exists():
+        raise MethodError(
+            f"model.source: {source!r} does not exist (fix: a local folder, s3://… or hf://org/name)"
+        )
+    return source
+
+
+def load_tokenizer(path: str, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
+
+
+def _quantization(method: Method) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = method.quantization
+    if not torch.cuda.is_available():
+        # bitsandbytes >= 0.45 has a CPU backend for 4-bit layers; fail clearly if it is missing.
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise MethodError(
+                f"method.type: 'qlora' needs bitsandbytes, which cannot load here ({exc}) "
+                "(fix: run on a GPU node, install bitsandbytes>=0.45, or use method.type: lora)"
+            ) from None
+    compute = _dtype(q.compute_dtype) if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_model(path: str, model: ModelSource, method: Method) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"revision": model.revision, "dtype": _dtype(model.dtype)}
+    if method.type == "qlora":
+        kwargs["quantization_config"] = _quantization(method)
+        kwargs["device_map"] = "auto" if _cuda() else "cpu"
+    loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    loaded.config.use_cache = False  # the cache would disable packed-sequence masks in training
+    return loaded
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def wrap_for_method(model: Any, method: Method, gradient_checkpointing: bool) -> Any:
+    if method.type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.type == "qlora":
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    lora = method.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    wrapped = get_peft_model(model, config)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    log.info("%s adapter: %d trainable of %d parameters", method.type, trainable, total)
+    return wrapped
+
+
+def load_for_training(path: str, model: ModelSource, method: Method, gradient_checkpointing: bool) -> Any:
+    return wrap_for_method(load_model(path, model, method), method, gradient_checkpointing)

@@ -1,0 +1,144 @@
+"""Prometheus metrics and the progress report (ConfigMap or file). Reporting never stops training."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, Info, generate_latest, start_http_server
+
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.report_model import PROGRESS_KEY, DataSummary, Predictions, TrainerReport
+
+log = logging.getLogger(__name__)
+LABELS = ("namespace", "job")
+
+
+class TrainerMetrics:
+    """Gauges with `finetune_` prefix, units in names, labels namespace and job only (plus a bounded
+    metric or check name)."""
+
+    def __init__(self, namespace: str, job: str) -> None:
+        self.registry = CollectorRegistry()
+        self._labels = {"namespace": namespace, "job": job}
+        r = self.registry
+        self.train_loss = Gauge("finetune_train_loss", "Training loss", LABELS, registry=r)
+        self.eval_loss = Gauge("finetune_eval_loss", "Validation loss", LABELS, registry=r)
+        self.eval_metric = Gauge(
+            "finetune_eval_metric_value", "Evaluation metric", (*LABELS, "metric", "split"), registry=r
+        )
+        self.learning_rate = Gauge("finetune_learning_rate", "Learning rate", LABELS, registry=r)
+        self.step = Gauge("finetune_step", "Optimizer step", LABELS, registry=r)
+        self.total_steps = Gauge("finetune_total_steps", "Planned optimizer steps", LABELS, registry=r)
+        self.epoch = Gauge("finetune_epoch", "Fractional epoch", LABELS, registry=r)
+        self.tokens_per_second = Gauge(
+            "finetune_tokens_per_second", "Training throughput in tokens/s", LABELS, registry=r
+        )
+        self.samples_per_second = Gauge(
+            "finetune_samples_per_second", "Training throughput in samples/s", LABELS, registry=r
+        )
+        self.gpu_memory = Gauge(
+            "finetune_gpu_memory_allocated_bytes",
+            "Peak GPU memory allocated",
+            (*LABELS, "device"),
+            registry=r,
+        )
+        self.data = Gauge("finetune_data_examples", "Data report counts", (*LABELS, "count"), registry=r)
+        self.prediction_check = Gauge(
+            "finetune_predictions_check_passed",
+            "Predictions diagnostic check (1 passed)",
+            (*LABELS, "check"),
+            registry=r,
+        )
+        self.runtime = Info(
+            "finetune_trainer_runtime", "Trainer runtime flags and versions", LABELS, registry=r
+        )
+
+    def labels(self, gauge: Gauge, **extra: str) -> Any:
+        return gauge.labels(**self._labels, **extra)
+
+    def set_runtime(self, info: Mapping[str, str]) -> None:
+        self.runtime.labels(**self._labels).info(dict(info))
+
+    def set_data(self, summary: DataSummary) -> None:
+        counts = summary.model_dump(exclude={"split"})
+        counts |= {f"split_{k}": v for k, v in summary.split.model_dump().items()}
+        for name, value in counts.items():
+            self.labels(self.data, count=name).set(value)
+
+    def set_eval(self, metrics: Mapping[str, float], split: str) -> None:
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                self.labels(self.eval_metric, metric=name, split=split).set(value)
+
+    def set_predictions(self, predictions: Predictions) -> None:
+        for check in predictions.checks:
+            self.labels(self.prediction_check, check=check.name).set(1.0 if check.passed else 0.0)
+
+    def set_gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                self.labels(self.gpu_memory, device=str(i)).set(torch.cuda.max_memory_allocated(i))
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, registry=self.registry)
+            log.info("metrics on port %d", port)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ProgressReporter:
+    """Writes the TrainerReport to the job's progress ConfigMap, or to report.file.
+
+    Writes are throttled except on phase changes; errors are logged and swallowed.
+    """
+
+    def __init__(self, config: TrainerConfig, min_interval_s: float = 10.0) -> None:
+        self.report = TrainerReport()
+        self._config_map = config.report.config_map
+        self._namespace = config.report.namespace or config.job.namespace
+        self._file = Path(config.report.file) if config.report.file else None
+        self._min_interval = min_interval_s
+        self._last_write = 0.0
+        self._last_phase = self.report.phase
+        self._lock = threading.Lock()
+        self._api: Any = None
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        with self._lock:
+            self.report = self.report.model_copy(update=fields)
+            phase_changed = self.report.phase != self._last_phase
+            if force or phase_changed or time.monotonic() - self._last_write >= self._min_interval:
+                self._write()
+
+    def _write(self) -> None:
+        self.report.updated_at = TrainerReport().updated_at
+        self._last_write, self._last_phase = time.monotonic(), self.report.phase
+        document = self.report.to_json()
+        try:
+            if self._config_map:
+                self._patch(document)
+            if self._file:
+                self._file.parent.mkdir(parents=True, exist_ok=True)
+                self._file.write_text(document, encoding="utf-8")
+        except Exception as exc:  # reporting must never kill training
+            log.warning("could not write the progress report: %s", exc)
+
+    def _patch(self, document: str) -> None:
+        if self._api is None:
+            from kubernetes import client, config
+
+            config.load_incluster_config()
+            self._api = client.CoreV1Api()
+        self._api.patch_namespaced_config_map(
+            self._config_map, self._namespace, {"data": {PROGRESS_KEY: document}}
+        )

@@ -1,0 +1,81 @@
+"""The seam between training and checkpoint storage.
+
+Training saves checkpoints and the final artifact to local folders and hands them to a
+`CheckpointSink`. `LocalSink` keeps them on local disk (and resumes from there after a
+restart on the same volume). A remote store plugs in as `finetune_trainer.checkpoints`
+providing `build_sink(config) -> CheckpointSink`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.report_model import CheckpointInfo
+
+log = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"checkpoint-(\d+)$")
+
+
+class CheckpointRestoreError(Exception):
+    """A checkpoint to resume from exists but cannot be restored (exit 5)."""
+
+
+class CheckpointSink(Protocol):
+    def restore(self, work_dir: Path) -> Path | None:
+        """Before training: put the latest verified checkpoint under work_dir and return its folder."""
+        ...
+
+    def save(self, local_dir: Path, step: int, metrics: Mapping[str, float]) -> CheckpointInfo | None:
+        """After each save: the folder holds weights, optimizer state and sidecar files."""
+        ...
+
+    def save_final(self, local_dir: Path) -> CheckpointInfo | None:
+        """The final artifact folder."""
+        ...
+
+    def close(self) -> None:
+        """Wait until everything handed over is stored."""
+        ...
+
+
+def latest_local_checkpoint(work_dir: Path) -> Path | None:
+    steps = [(int(m.group(1)), p) for p in work_dir.glob("checkpoint-*") if (m := _STEP_DIR.search(p.name))]
+    return max(steps)[1] if steps else None
+
+
+class LocalSink:
+    def __init__(self, resume: bool = True) -> None:
+        self._resume = resume
+
+    def restore(self, work_dir: Path) -> Path | None:
+        return latest_local_checkpoint(work_dir) if self._resume else None
+
+    def save(self, local_dir: Path, step: int, metrics: Mapping[str, float]) -> CheckpointInfo | None:
+        return CheckpointInfo(uri=local_dir.resolve().as_uri(), step=step, verified=False)
+
+    def save_final(self, local_dir: Path) -> CheckpointInfo | None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def build_sink(config: TrainerConfig) -> CheckpointSink:
+    """The remote store when one is configured and available, else local disk."""
+    if not config.checkpoints.store.bucket:
+        return LocalSink()
+    try:
+        module = importlib.import_module("finetune_trainer.checkpoints")
+    except ModuleNotFoundError:
+        log.warning(
+            "checkpoints.store.bucket is set but this image has no remote checkpoint store; local only"
+        )
+        return LocalSink()
+    sink: CheckpointSink = module.build_sink(config)
+    return sink
