@@ -36,7 +36,7 @@ test-cluster: tools venv  ## Tests against the local control plane only.
 	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
 
 quickstart: tools venv  ## A real fine-tune through the operator on the local stack.
-	$(BIN)/python hack/quickstart.py $(QUICKSTART_ARGS)
+	$(BIN)/python -m localcluster.quickstart $(QUICKSTART_ARGS)
 
 crds: venv  ## Regenerate the CRD from the API models.
 	$(BIN)/python -m finetune_operator.crd

@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from finetune_operator import api
 from finetune_operator.api import FineTuneJobSpec
@@ -231,10 +231,16 @@ def _hyperparameters(hp: api.HyperparametersSpec) -> tc.Hyperparameters:
     )
 
 
+ChecksumMode = Literal["when_supported", "when_required"]
+
+
 def _store(spec: FineTuneJobSpec, settings: OperatorSettings) -> tc.S3Store:
     """The job's store; a job without an endpoint uses the cluster's store from the settings."""
     store = spec.checkpoints.store
-    path_style, checksum_mode = store.path_style, store.checksum_mode.value
+    path_style = store.path_style
+    checksum_mode: ChecksumMode = (
+        "when_supported" if store.checksum_mode.value == "when_supported" else "when_required"
+    )
     endpoint, region = store.endpoint, store.region
     if not endpoint and settings.checkpoint_endpoint:
         endpoint = settings.checkpoint_endpoint

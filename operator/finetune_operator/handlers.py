@@ -60,6 +60,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="finetune.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    # The chart grants no access to CRDs cluster-wide; the resource is known, no scanning needed.
+    settings.scanning.disabled = True
     _state["settings"] = operator_settings
     _state["kube"] = Kube(connect())
     if operator_settings.metrics_port:
@@ -123,8 +125,11 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
 
 def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> policy.Preflight:
     names = {ref.name for ref in policy.required_secrets(spec)}
-    secret_keys, _ = _kube().secret_keys(namespace, names)
-    labels, provider_ids = _kube().node_labels()
+    if _settings().check_secrets:
+        secret_keys, _ = _kube().secret_keys(namespace, names)
+    else:  # not allowed to read Secrets: pods wait for missing ones instead (FailedMount events)
+        secret_keys = {ref.name: {ref.key} for ref in policy.required_secrets(spec)}
+    labels, provider_ids = _kube().node_labels() if _settings().read_nodes else ([], [])
     cloud = policy.looks_like_cloud(labels, provider_ids)
     return policy.preflight(
         spec, _settings(), namespace=namespace, secret_keys=secret_keys, cloud_detected=cloud
@@ -139,7 +144,7 @@ def _apply_children(
 ) -> None:
     job = builders.JobRef.from_metadata(meta)
     names = {ref.name for ref in policy.required_secrets(spec)}
-    _, versions = _kube().secret_keys(job.namespace, names)
+    versions = _kube().secret_keys(job.namespace, names)[1] if _settings().check_secrets else {}
     children = builders.build_children(
         job, spec, preflight.decision, _settings(), is_cloud=preflight.is_cloud, secret_versions=versions
     )
@@ -434,7 +439,7 @@ def _checkpoint_seen(namespace: str, name: str, step: int) -> None:
 
 def _update_fleet_gauge() -> None:
     counts: dict[tuple[str, str], int] = {}
-    for item in _kube().list_job_resources():
+    for item in _kube().list_job_resources(_settings().namespaces):
         phase = (item.get("status") or {}).get("phase") or Phase.PENDING.value
         key = (item["metadata"]["namespace"], phase)
         counts[key] = counts.get(key, 0) + 1

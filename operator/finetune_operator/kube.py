@@ -126,11 +126,18 @@ class Kube:
             raise
         return dict(obj)
 
-    def list_job_resources(self) -> list[dict[str, Any]]:
-        objs = client.CustomObjectsApi(self.api_client).list_cluster_custom_object(
-            api.GROUP, api.VERSION, api.PLURAL
-        )
-        return list(objs.get("items", []))
+    def list_job_resources(self, namespaces: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Every FineTuneJob the operator watches (per namespace in namespaced mode)."""
+        custom = client.CustomObjectsApi(self.api_client)
+        if not namespaces:
+            return list(
+                custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL).get("items", [])
+            )
+        items: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            found = custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)
+            items += found.get("items", [])
+        return items
 
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
         client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(

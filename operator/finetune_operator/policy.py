@@ -153,7 +153,10 @@ def resolve_environment(
     if spec.environment != Environment.AUTO:
         return spec.environment, f"spec.environment is {spec.environment.value}"
     if settings.environment != Environment.AUTO:
-        return settings.environment, f"operator setting FINETUNE_OPERATOR_ENVIRONMENT is {settings.environment.value}"
+        return (
+            settings.environment,
+            f"operator setting FINETUNE_OPERATOR_ENVIRONMENT is {settings.environment.value}",
+        )
     if cloud_detected:
         return Environment.CLOUD, "nodes carry cloud-provider labels"
     return Environment.ONPREM, "no node carries a cloud-provider label"

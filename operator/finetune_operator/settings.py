@@ -1,11 +1,12 @@
-"""Operator settings, read from environment variables prefixed `FINETUNE_OPERATOR_` (the Helm chart sets them).
+"""Operator settings, from environment variables prefixed `FINETUNE_OPERATOR_` (set by the chart).
 
 - FINETUNE_OPERATOR_ENVIRONMENT (auto): cloud, onprem, or auto (detect from node labels); used when a job
   says `environment: auto`.
 - FINETUNE_OPERATOR_GPU_MEMORY_GIB (24): memory of one GPU, when a job's nodeSelector has no GPU-memory label.
 - FINETUNE_OPERATOR_GPU_MEMORY_LABEL (nvidia.com/gpu.memory): node label with GPU memory in MiB, as set by
   NVIDIA GPU feature discovery.
-- FINETUNE_OPERATOR_DEFAULT_MODEL_PARAMETERS (7B): parameter count assumed when spec.model.parameters is absent.
+- FINETUNE_OPERATOR_DEFAULT_MODEL_PARAMETERS (7B): parameter count assumed when
+  spec.model.parameters is absent.
 - FINETUNE_OPERATOR_TRAINER_IMAGE (ghcr.io/finetune-dev/finetune-trainer:0.1.0): image of the training pods.
 - FINETUNE_OPERATOR_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
 - FINETUNE_OPERATOR_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.

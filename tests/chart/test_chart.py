@@ -380,11 +380,6 @@ def test_values_are_documented_field_by_field() -> None:
     assert not missing, f"values without a `# --` comment: {missing}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operator settings read FINETUNE_* and lack the checkpoint-store, trainer service-account "
-    "and RBAC-capability settings the chart passes; remove this marker once they agree",
-)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_operator_reads_every_variable_the_chart_sets(render: Render, profile: str) -> None:
     from finetune_operator.settings import OperatorSettings

@@ -107,7 +107,7 @@ def test_job_completes_and_indexed_job_runs_every_index(
                 (batch.read_namespaced_job_status(name, namespace).status.succeeded or 0)
                 >= (2 if name == "indexed" else 1)
             ),
-            90,
+            180,
             f"job {name} to succeed",
         )
     pods = core.list_namespaced_pod(namespace, label_selector="job-name=indexed").items
@@ -128,7 +128,7 @@ def test_deleting_owner_collects_children(kube: client.ApiClient, namespace: str
     batch.delete_namespaced_job("owner", namespace, propagation_policy="Background")
     wait_for(
         lambda: not core.list_namespaced_pod(namespace, label_selector="job-name=owner").items,
-        90,
+        180,
         "the garbage collector to delete the job's pods",
     )
 

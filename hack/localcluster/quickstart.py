@@ -1,0 +1,309 @@
+"""The quickstart: a real fine-tune through the operator on the local stack.
+
+Starts (or reuses) the local cluster, installs the chart with Helm, uploads a tiny model and a
+learnable dataset to S3, applies examples/quickstart.yaml and follows the job to the end.
+
+    python -m localcluster.quickstart [--down] [--use-current-cluster] [--timeout SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import boto3
+import yaml
+from kubernetes import client, config
+
+from finetune_trainer.testing.tiny import build_tiny_model, synthetic_records, write_jsonl
+from localcluster import ClusterInfo, ClusterOptions, LocalCluster, stop_run
+from localcluster.processes import free_port
+from localcluster.testing import apply_yaml, wait_for
+from localcluster.tools import REPO_ROOT, tool
+
+RUN_DIR = REPO_ROOT / ".run" / "quickstart"
+CHART = REPO_ROOT / "charts" / "finetune-operator"
+EXAMPLE = REPO_ROOT / "examples" / "quickstart.yaml"
+OPERATOR_NAMESPACE = "finetune-system"
+BUCKET = "quickstart"
+EXAMPLES = 1500
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+
+
+def say(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack
+
+
+def current_cluster_reachable() -> bool:
+    if not os.environ.get("KUBECONFIG") and not (Path.home() / ".kube" / "config").exists():
+        return False
+    try:
+        config.load_kube_config()
+        client.VersionApi().get_code(_request_timeout=3)
+    except Exception:
+        return False
+    return True
+
+
+def start_stack() -> ClusterInfo:
+    try:
+        info = ClusterInfo.load(RUN_DIR)
+    except FileNotFoundError:
+        info = None
+    if info and all(Path(f"/proc/{pid}").exists() for pid in info.pids.values()):
+        say(f"reusing the local cluster in {RUN_DIR}")
+        return info
+    if info:
+        stop_run(RUN_DIR)
+    say("starting the local cluster (etcd, kube-apiserver, controller-manager, scheduler, S3, Prometheus)")
+    started = time.monotonic()
+    info = LocalCluster(ClusterOptions(run_dir=RUN_DIR)).start()
+    say(f"cluster ready in {time.monotonic() - started:.1f}s")
+    return info
+
+
+def helm(info: ClusterInfo, *args: str) -> str:
+    out = subprocess.run(
+        [str(tool("helm")), "--kubeconfig", info.kubeconfig, *args], check=True, capture_output=True, text=True
+    )
+    return out.stdout
+
+
+def install_chart(info: ClusterInfo) -> None:
+    say("installing the operator with Helm (charts/finetune-operator)")
+    helm(
+        info,
+        "upgrade", "--install", "finetune-operator", str(CHART),
+        "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
+        "-f", str(REPO_ROOT / "examples" / "values-local.yaml"),
+        "--set", f"operator.metricsPort={free_port()}", "--set", f"operator.healthPort={free_port()}",
+        "--wait", "--timeout", "3m",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, data and secrets
+
+
+def s3_client(info: ClusterInfo) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=info.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=info.s3_access_key,
+        aws_secret_access_key=info.s3_secret_key,
+    )
+
+
+def upload_model_and_data(info: ClusterInfo) -> None:
+    say(f"building a tiny model and {EXAMPLES} learnable examples, uploading them to s3://{BUCKET}")
+    s3 = s3_client(info)
+    if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+        s3.create_bucket(Bucket=BUCKET)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny_model(Path(tmp) / "model")
+        for path in sorted(model.iterdir()):
+            s3.upload_file(str(path), BUCKET, f"models/tiny-llama/{path.name}")
+        data = write_jsonl(synthetic_records(EXAMPLES, seed=7), Path(tmp) / "groups.jsonl")
+        s3.upload_file(str(data), BUCKET, "data/groups.jsonl")
+
+
+def ensure_secrets(core: Any, namespace: str, info: ClusterInfo) -> None:
+    alphabet = string.ascii_letters + string.digits
+    wanted = {
+        "s3-creds": {"accessKeyId": info.s3_access_key, "secretAccessKey": info.s3_secret_key},
+        # Stands in for an app's persistence key: the trainer gets it by reference only.
+        "persistence": {"serviceRoleKey": "".join(secrets.choice(alphabet) for _ in range(40))},
+    }
+    for name, data in wanted.items():
+        body = {"metadata": {"name": name}, "stringData": data}
+        try:
+            core.create_namespaced_secret(namespace, body)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            core.replace_namespaced_secret(name, namespace, body)
+
+
+def apply_job(api: Any, info: ClusterInfo, namespace: str) -> str:
+    text = EXAMPLE.read_text().replace("${S3_ENDPOINT}", info.s3_endpoint)
+    name = str(yaml.safe_load(text)["metadata"]["name"])
+    custom = client.CustomObjectsApi(api)
+    try:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        say(f"deleted the previous run of {name}")
+        wait_for(lambda: not _exists(custom, namespace, name), 60, f"{name} to be deleted")
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+    apply_yaml(api, text, namespace)
+    say(f"applied examples/quickstart.yaml: FineTuneJob {namespace}/{name}")
+    return name
+
+
+def _exists(custom: Any, namespace: str, name: str) -> bool:
+    try:
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except client.ApiException:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Following the job
+
+
+def progress_line(status: dict[str, Any]) -> str:
+    progress = status.get("progress") or {}
+    step, total = int(progress.get("step") or 0), int(progress.get("totalSteps") or 0)
+    width = 30
+    filled = int(width * step / total) if total else 0
+    bar = "#" * filled + "-" * (width - filled)
+    loss = progress.get("loss")
+    eta = progress.get("etaSeconds")
+    parts = [f"{status.get('phase', 'Pending'):<10}", f"[{bar}] {step}/{total or '?'}"]
+    if loss is not None:
+        parts.append(f"loss {float(loss):.3f}")
+    if eta is not None:
+        parts.append(f"ETA {int(float(eta))}s")
+    return "  ".join(parts)
+
+
+def follow(api: Any, namespace: str, name: str, timeout: float) -> dict[str, Any]:
+    custom = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        status = obj.get("status") or {}
+        line = progress_line(status)
+        if line != last:
+            end = "\n" if not sys.stdout.isatty() else ""
+            print(f"\r    {line:<90}", end=end, flush=True)
+            last = line
+        if status.get("phase") in ("Succeeded", "Failed"):
+            print()
+            return dict(obj)
+        time.sleep(2)
+    print()
+    raise SystemExit(f"the job did not finish within {timeout:.0f}s; see `kubectl describe ftj {name}`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def prometheus_range(info: ClusterInfo, query: str, start: float) -> list[tuple[float, float]]:
+    params = urllib.parse.urlencode({"query": query, "start": start, "end": time.time(), "step": "2s"})
+    with urllib.request.urlopen(f"{info.prometheus_url}/api/v1/query_range?{params}", timeout=10) as response:
+        result = json.load(response)["data"]["result"]
+    return [(float(t), float(v)) for t, v in result[0]["values"]] if result else []
+
+
+def plot(info: ClusterInfo, namespace: str, name: str, started: float, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selector = f'{{namespace="{namespace}",job="{name}"}}'
+    series = {
+        "train loss": prometheus_range(info, f"finetune_train_loss{selector}", started),
+        "eval loss": prometheus_range(info, f"finetune_eval_loss{selector}", started),
+    }
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, points in series.items():
+        if points:
+            t0 = points[0][0]
+            ax.plot([t - t0 for t, _ in points], [v for _, v in points], label=label)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{namespace}/{name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def summary(info: ClusterInfo, obj: dict[str, Any], started: float) -> bool:
+    status = obj.get("status") or {}
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    print(f"\nFineTuneJob {namespace}/{name}: {status.get('phase')} — {status.get('message', '')}")
+    data = status.get("data") or {}
+    if data:
+        split = data.get("split") or {}
+        print(
+            f"  data:        {data.get('raw')} raw, {data.get('duplicatesRemoved', 0)} duplicates and "
+            f"{data.get('nearDuplicatesRemoved', 0)} near duplicates removed, {data.get('examples')} examples, "
+            f"{data.get('tokens')} tokens; split {split.get('train')}/{split.get('validation')}/{split.get('test')}"
+        )
+    baseline, final = status.get("baseline") or {}, status.get("final") or {}
+    for metric in sorted(set(baseline) | set(final)):
+        print(f"  {metric:<12} baseline {baseline.get(metric, float('nan')):.4f} -> final {final.get(metric, float('nan')):.4f}")
+    checkpoint = status.get("checkpoint") or {}
+    print(f"  checkpoint:  {checkpoint.get('uri')} (step {checkpoint.get('step')}, verified {checkpoint.get('verified')})")
+    listing = s3_client(info).list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/").get("Contents", [])
+    verified = sorted({o["Key"].rsplit("/", 2)[0] for o in listing if o["Key"].endswith("/VERIFIED")})
+    print(f"  in S3:       {len(verified)} verified checkpoint(s): " + ", ".join(v.rsplit('/', 1)[-1] for v in verified))
+    predictions = status.get("predictions") or {}
+    if predictions:
+        print(f"  predictions: {predictions.get('passed')} checks passed, {predictions.get('failed')} failed")
+    png = plot(info, namespace, name, started, REPO_ROOT / ".run" / "quickstart-loss.png")
+    if png:
+        print(f"  loss plot:   {png}")
+    print(f"  Prometheus:  {info.prometheus_url}  (try finetune_train_loss{{job=\"{name}\"}})")
+    print(f"  kubectl:     export KUBECONFIG={info.kubeconfig}; kubectl describe ftj {name}")
+    return bool(status.get("phase") == "Succeeded")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--down", action="store_true", help="stop the local stack at the end")
+    parser.add_argument("--use-current-cluster", action="store_true",
+                        help="use the cluster in KUBECONFIG instead of starting the local one")
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+    if not args.use_current_cluster and current_cluster_reachable() and sys.stdin.isatty():
+        answer = input("A cluster is reachable through your kubeconfig. Use it instead of the local stack? [y/N] ")
+        args.use_current_cluster = answer.strip().lower() in ("y", "yes")
+    if args.use_current_cluster:
+        raise SystemExit("--use-current-cluster: install the chart with Helm as in the README, then "
+                         "`kubectl apply -f examples/quickstart.yaml` with your S3 endpoint filled in")
+    info = start_stack()
+    try:
+        api = config.new_client_from_config(info.kubeconfig)
+        install_chart(info)
+        upload_model_and_data(info)
+        ensure_secrets(client.CoreV1Api(api), "default", info)
+        started = time.time()
+        name = apply_job(api, info, "default")
+        obj = follow(api, "default", name, args.timeout)
+        ok = summary(info, obj, started)
+    finally:
+        if args.down:
+            stop_run(RUN_DIR)
+            say("stopped the local stack")
+        else:
+            say(f"the stack keeps running; stop it with: .venv/bin/python -m localcluster --run-dir {RUN_DIR} down")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
