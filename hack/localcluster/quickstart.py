@@ -78,10 +78,8 @@ def start_stack() -> ClusterInfo:
 
 
 def helm(info: ClusterInfo, *args: str) -> str:
-    out = subprocess.run(
-        [str(tool("helm")), "--kubeconfig", info.kubeconfig, *args], check=True, capture_output=True, text=True
-    )
-    return out.stdout
+    argv = [str(tool("helm")), "--kubeconfig", info.kubeconfig, *args]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
 def install_chart(info: ClusterInfo) -> None:
@@ -210,7 +208,8 @@ def follow(api: Any, namespace: str, name: str, timeout: float) -> dict[str, Any
 
 def prometheus_range(info: ClusterInfo, query: str, start: float) -> list[tuple[float, float]]:
     params = urllib.parse.urlencode({"query": query, "start": start, "end": time.time(), "step": "2s"})
-    with urllib.request.urlopen(f"{info.prometheus_url}/api/v1/query_range?{params}", timeout=10) as response:
+    url = f"{info.prometheus_url}/api/v1/query_range?{params}"
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (the stack's own URL)
         result = json.load(response)["data"]["result"]
     return [(float(t), float(v)) for t, v in result[0]["values"]] if result else []
 
@@ -242,51 +241,99 @@ def plot(info: ClusterInfo, namespace: str, name: str, started: float, out: Path
     return out
 
 
+def _data_line(data: dict[str, Any]) -> str:
+    split = data.get("split") or {}
+    return (
+        f"{data.get('raw')} raw, {data.get('duplicatesRemoved', 0)} duplicates and "
+        f"{data.get('nearDuplicatesRemoved', 0)} near duplicates removed, {data.get('examples')} examples, "
+        f"{data.get('tokens')} tokens; "
+        f"split {split.get('train')}/{split.get('validation')}/{split.get('test')}"
+    )
+
+
+def _metric_lines(baseline: dict[str, float], final: dict[str, float]) -> list[str]:
+    nan = float("nan")
+    return [
+        f"  {metric:<12} baseline {baseline.get(metric, nan):.4f} -> final {final.get(metric, nan):.4f}"
+        for metric in sorted(set(baseline) | set(final))
+    ]
+
+
+def _verified_in_s3(info: ClusterInfo, namespace: str, name: str) -> list[str]:
+    prefix = f"checkpoints/{namespace}/{name}/"
+    listing = s3_client(info).list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return sorted(
+        {o["Key"].rsplit("/", 2)[0].rsplit("/", 1)[-1] for o in listing if o["Key"].endswith("/VERIFIED")}
+    )
+
+
 def summary(info: ClusterInfo, obj: dict[str, Any], started: float) -> bool:
     status = obj.get("status") or {}
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-    print(f"\nFineTuneJob {namespace}/{name}: {status.get('phase')} — {status.get('message', '')}")
-    data = status.get("data") or {}
-    if data:
-        split = data.get("split") or {}
-        print(
-            f"  data:        {data.get('raw')} raw, {data.get('duplicatesRemoved', 0)} duplicates and "
-            f"{data.get('nearDuplicatesRemoved', 0)} near duplicates removed, {data.get('examples')} examples, "
-            f"{data.get('tokens')} tokens; split {split.get('train')}/{split.get('validation')}/{split.get('test')}"
-        )
-    baseline, final = status.get("baseline") or {}, status.get("final") or {}
-    for metric in sorted(set(baseline) | set(final)):
-        print(f"  {metric:<12} baseline {baseline.get(metric, float('nan')):.4f} -> final {final.get(metric, float('nan')):.4f}")
+    print(f"\nFineTuneJob {namespace}/{name}: {status.get('phase')} - {status.get('message', '')}")
+    if status.get("data"):
+        print(f"  data:        {_data_line(status['data'])}")
+    print("\n".join(_metric_lines(status.get("baseline") or {}, status.get("final") or {})))
     checkpoint = status.get("checkpoint") or {}
-    print(f"  checkpoint:  {checkpoint.get('uri')} (step {checkpoint.get('step')}, verified {checkpoint.get('verified')})")
-    listing = s3_client(info).list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/").get("Contents", [])
-    verified = sorted({o["Key"].rsplit("/", 2)[0] for o in listing if o["Key"].endswith("/VERIFIED")})
-    print(f"  in S3:       {len(verified)} verified checkpoint(s): " + ", ".join(v.rsplit('/', 1)[-1] for v in verified))
+    step, verified_flag = checkpoint.get("step"), checkpoint.get("verified")
+    print(f"  checkpoint:  {checkpoint.get('uri')} (step {step}, verified {verified_flag})")
+    verified = _verified_in_s3(info, namespace, name)
+    print(f"  in S3:       {len(verified)} verified: {', '.join(verified)}")
     predictions = status.get("predictions") or {}
     if predictions:
         print(f"  predictions: {predictions.get('passed')} checks passed, {predictions.get('failed')} failed")
-    png = plot(info, namespace, name, started, REPO_ROOT / ".run" / "quickstart-loss.png")
+    png = (
+        plot(info, namespace, name, started, REPO_ROOT / ".run" / "quickstart-loss.png")
+        if info.prometheus_url
+        else None
+    )
     if png:
         print(f"  loss plot:   {png}")
-    print(f"  Prometheus:  {info.prometheus_url}  (try finetune_train_loss{{job=\"{name}\"}})")
+    if info.prometheus_url:
+        print(f'  Prometheus:  {info.prometheus_url}  (try finetune_train_loss{{job="{name}"}})')
     print(f"  kubectl:     export KUBECONFIG={info.kubeconfig}; kubectl describe ftj {name}")
     return bool(status.get("phase") == "Succeeded")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def current_cluster_target() -> ClusterInfo:
+    """The user's own cluster: S3 must be reachable from its pods, so the user names it."""
+    missing = [
+        v for v in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(v)
+    ]
+    if missing:
+        raise SystemExit(
+            f"--use-current-cluster needs an S3 store its pods can reach: set {', '.join(missing)} "
+            "(the bucket 'quickstart' is created if missing)"
+        )
+    kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    return ClusterInfo(
+        run_id="current", run_dir=str(RUN_DIR), kubeconfig=kubeconfig, apiserver_url="", ca_cert="",
+        etcd_url="", node_name="", s3_endpoint=os.environ["S3_ENDPOINT_URL"],
+        s3_access_key=os.environ["AWS_ACCESS_KEY_ID"], s3_secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--down", action="store_true", help="stop the local stack at the end")
-    parser.add_argument("--use-current-cluster", action="store_true",
-                        help="use the cluster in KUBECONFIG instead of starting the local one")
-    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--use-current-cluster",
+        action="store_true",
+        help="use the cluster in KUBECONFIG (needs S3_ENDPOINT_URL and AWS_* credentials)",
+    )
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the job")
     args = parser.parse_args()
     if not args.use_current_cluster and current_cluster_reachable() and sys.stdin.isatty():
-        answer = input("A cluster is reachable through your kubeconfig. Use it instead of the local stack? [y/N] ")
+        answer = input("Your kubeconfig reaches a cluster. Use it instead of the local stack? [y/N] ")
         args.use_current_cluster = answer.strip().lower() in ("y", "yes")
-    if args.use_current_cluster:
-        raise SystemExit("--use-current-cluster: install the chart with Helm as in the README, then "
-                         "`kubectl apply -f examples/quickstart.yaml` with your S3 endpoint filled in")
-    info = start_stack()
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    info = current_cluster_target() if args.use_current_cluster else start_stack()
     try:
         api = config.new_client_from_config(info.kubeconfig)
         install_chart(info)
@@ -294,14 +341,17 @@ def main() -> int:
         ensure_secrets(client.CoreV1Api(api), "default", info)
         started = time.time()
         name = apply_job(api, info, "default")
-        obj = follow(api, "default", name, args.timeout)
-        ok = summary(info, obj, started)
+        ok = summary(info, follow(api, "default", name, args.timeout), started)
     finally:
-        if args.down:
+        if args.use_current_cluster:
+            pass
+        elif args.down:
             stop_run(RUN_DIR)
             say("stopped the local stack")
         else:
-            say(f"the stack keeps running; stop it with: .venv/bin/python -m localcluster --run-dir {RUN_DIR} down")
+            say(
+                f"the stack keeps running; stop it: .venv/bin/python -m localcluster --run-dir {RUN_DIR} down"
+            )
     return 0 if ok else 1
 
 
