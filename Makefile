@@ -14,14 +14,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[trainer,test]'
+	# DeepSpeed builds against the installed torch, so it cannot use an isolated build.
+	$(BIN)/pip install --quiet --no-build-isolation "deepspeed==0.19.8"
 	touch $@
 
 venv: $(VENV)/.installed  ## Create the virtualenv with the operator, trainer and test dependencies.
 
-lint: venv
+lint: venv  ## ruff, import contracts, and generated files up to date.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python -m finetune_operator.crd --check $(CRD_OUTPUTS)
+	$(BIN)/python hack/dashboard.py --check
+	$(BIN)/python hack/api_reference.py --check
 
 typecheck: venv
 	$(BIN)/mypy
@@ -38,8 +43,12 @@ test-cluster: tools venv  ## Tests against the local control plane only.
 quickstart: tools venv  ## A real fine-tune through the operator on the local stack.
 	$(BIN)/python -m localcluster.quickstart $(QUICKSTART_ARGS)
 
-crds: venv  ## Regenerate the CRD from the API models.
-	$(BIN)/python -m finetune_operator.crd
+CRD_OUTPUTS := --output crds/finetune.dev_finetunejobs.yaml --output charts/finetune-operator/crds/finetune.dev_finetunejobs.yaml
+
+crds: venv  ## Regenerate the CRD (and the chart's copy) and the dashboard from their sources.
+	$(BIN)/python -m finetune_operator.crd $(CRD_OUTPUTS)
+	$(BIN)/python hack/dashboard.py
+	$(BIN)/python hack/api_reference.py
 
 clean:
 	$(BIN)/python -m localcluster down || true
