@@ -10,7 +10,10 @@ Two flows:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -40,7 +43,8 @@ def _kube() -> Kube:
 
 def _event(body: Mapping[str, Any], kind: str, *, reason: str, message: str) -> None:
     """A Kubernetes event on the FineTuneJob (kopf posts it in the background)."""
-    kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
+    with contextlib.suppress(LookupError):  # outside kopf's context there is no event queue
+        kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +70,11 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     _state["kube"] = Kube(connect())
     if operator_settings.metrics_port:
         metrics.serve(operator_settings.metrics_port)
+    stop = threading.Event()
+    _state["stop"] = stop
+    # copy_context: events posted from the loop reach kopf's event queue like a handler's would.
+    refresher = contextvars.copy_context()
+    threading.Thread(target=refresher.run, args=(refresh_forever, stop), name="refresh", daemon=True).start()
     log.info("finetune-operator starting: %s", _runtime_flags(operator_settings))
 
 
@@ -252,13 +261,19 @@ def child_changed(meta: kopf.Meta, **_: Any) -> None:
             sync_status(str(meta["namespace"]), owner)
 
 
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=15, initial_delay=5)
-def refresh(meta: kopf.Meta, **_: Any) -> None:
-    """Catches anything a missed event left behind, and keeps time-based metrics current."""
-    metrics.refresh_watch_staleness()
-    with metrics.observed("refresh"):
-        sync_status(str(meta["namespace"]), str(meta["name"]))
-        _update_fleet_gauge()
+def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
+    """Catches anything a missed event left behind, and keeps time-based metrics current.
+    A plain loop rather than a kopf timer: timers put a finalizer on every FineTuneJob, which
+    would block deleting jobs once the operator is uninstalled."""
+    while not stop.wait(interval):
+        metrics.refresh_watch_staleness()
+        try:
+            with metrics.observed("refresh"):
+                for item in _kube().list_job_resources(_settings().namespaces):
+                    sync_status(item["metadata"]["namespace"], item["metadata"]["name"])
+                _update_fleet_gauge()
+        except Exception:
+            log.exception("periodic refresh failed; retrying in %.0fs", interval)
 
 
 def sync_status(namespace: str, name: str) -> None:
@@ -448,9 +463,18 @@ def _update_fleet_gauge() -> None:
         metrics.JOBS.labels(namespace, phase).set(count)
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
-def forget(meta: kopf.Meta, **_: Any) -> None:
-    """Children go with their owner (ownerReferences); only the metrics need forgetting."""
+@kopf.on.cleanup()
+def stop_refresh(**_: Any) -> None:
+    if "stop" in _state:
+        _state["stop"].set()
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+def forget(type: str, meta: kopf.Meta, **_: Any) -> None:
+    """Children go with their owner (ownerReferences); only the metrics need forgetting. An event
+    handler, not on.delete, so FineTuneJobs carry no finalizer."""
+    if type != "DELETED":
+        return
     metrics.forget_job(str(meta["namespace"]), str(meta["name"]), PHASES)
     _checkpoints_seen.pop((str(meta["namespace"]), str(meta["name"])), None)
     _first_step_seen.discard((str(meta["namespace"]), str(meta["name"])))

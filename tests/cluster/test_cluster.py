@@ -73,11 +73,11 @@ def test_pod_success_and_failure_report_exit_codes(core: client.CoreV1Api, names
     """
     core.create_namespaced_pod(namespace, python_pod("bad", failing))
 
-    ok = wait_for(lambda: phase_is(core, namespace, "ok", "Succeeded", "Failed"), 60, "pod ok to finish")
+    ok = wait_for(lambda: phase_is(core, namespace, "ok", "Succeeded", "Failed"), 120, "pod ok to finish")
     assert ok.status.phase == "Succeeded"
     assert ok.status.container_statuses[0].state.terminated.exit_code == 0
 
-    bad = wait_for(lambda: phase_is(core, namespace, "bad", "Succeeded", "Failed"), 60, "pod bad to finish")
+    bad = wait_for(lambda: phase_is(core, namespace, "bad", "Succeeded", "Failed"), 120, "pod bad to finish")
     terminated = bad.status.container_statuses[0].state.terminated
     assert bad.status.phase == "Failed"
     assert terminated.exit_code == 3
@@ -123,7 +123,7 @@ def test_deleting_owner_collects_children(kube: client.ApiClient, namespace: str
         namespace, {"metadata": {"name": "owner"}, "spec": {"template": {"spec": spec}}}
     )
     wait_for(
-        lambda: core.list_namespaced_pod(namespace, label_selector="job-name=owner").items, 60, "job pod"
+        lambda: core.list_namespaced_pod(namespace, label_selector="job-name=owner").items, 120, "job pod"
     )
     batch.delete_namespaced_job("owner", namespace, propagation_policy="Background")
     wait_for(
@@ -148,7 +148,9 @@ def test_deleting_running_pod_sends_sigterm_within_grace(
         time.sleep(300)
     """
     core.create_namespaced_pod(namespace, python_pod("trainer", code, terminationGracePeriodSeconds=20))
-    wait_for(lambda: "training" in pod_log(cluster.run_dir, namespace, "trainer"), 60, "the process to start")
+    wait_for(
+        lambda: "training" in pod_log(cluster.run_dir, namespace, "trainer"), 120, "the process to start"
+    )
     core.delete_namespaced_pod("trainer", namespace)
     wait_for(
         lambda: "checkpoint saved" in pod_log(cluster.run_dir, namespace, "trainer"),
@@ -170,10 +172,10 @@ def test_gpu_requests_schedule_within_capacity_only(core: client.CoreV1Api, name
 
     core.create_namespaced_pod(namespace, gpu_pod("fits", 1))
     core.create_namespaced_pod(namespace, gpu_pod("too-big", 999))
-    wait_for(lambda: phase_is(core, namespace, "fits", "Succeeded"), 60, "the 1-GPU pod to run")
+    wait_for(lambda: phase_is(core, namespace, "fits", "Succeeded"), 120, "the 1-GPU pod to run")
     reasons = wait_for(
         lambda: [e for e in events_for(core, namespace, "too-big") if e.startswith("FailedScheduling")],
-        60,
+        120,
         "a FailedScheduling event",
     )
     assert "nvidia.com/gpu" in reasons[0]
@@ -208,8 +210,15 @@ def test_secrets_reach_the_process_and_rbac_is_enforced(
         "reader",
         code,
         serviceAccountName="limited",
-        volumes=[{"name": "creds", "secret": {"secretName": "creds"}}],
-        container={"env": env, "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds"}]},
+        # An emptyDir over /tmp must not hide the other volumes (the harness keeps them there).
+        volumes=[{"name": "creds", "secret": {"secretName": "creds"}}, {"name": "tmp", "emptyDir": {}}],
+        container={
+            "env": env,
+            "volumeMounts": [
+                {"name": "tmp", "mountPath": "/tmp"},
+                {"name": "creds", "mountPath": "/etc/creds"},
+            ],
+        },
     )
     core.create_namespaced_pod(namespace, pod)
     wait_for(lambda: phase_is(core, namespace, "reader", "Succeeded", "Failed"), 90, "the reader pod")
@@ -232,7 +241,9 @@ def test_pods_reach_each_other_over_pod_ips(
     """
     pod_ip_env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     core.create_namespaced_pod(namespace, python_pod("server", server, container={"env": pod_ip_env}))
-    wait_for(lambda: "listening" in pod_log(cluster.run_dir, namespace, "server"), 60, "the server to listen")
+    wait_for(
+        lambda: "listening" in pod_log(cluster.run_dir, namespace, "server"), 120, "the server to listen"
+    )
     server_ip = core.read_namespaced_pod("server", namespace).status.pod_ip
     client_code = f"""
         import socket
@@ -242,7 +253,7 @@ def test_pods_reach_each_other_over_pod_ips(
     core.create_namespaced_pod(namespace, python_pod("client", client_code))
     wait_for(
         lambda: phase_is(core, namespace, "client", "Succeeded"),
-        60,
+        120,
         "the client to finish",
         describe=lambda: pod_log(cluster.run_dir, namespace, "client"),
     )
@@ -292,6 +303,6 @@ def test_prometheus_scrapes_a_pod_metrics_port(
         with urllib.request.urlopen(f"{cluster.prometheus_url}/api/v1/query?{query}", timeout=5) as response:
             return list(json.load(response)["data"]["result"])
 
-    result = wait_for(sample, 60, "Prometheus to scrape the pod")
+    result = wait_for(sample, 120, "Prometheus to scrape the pod")
     assert result[0]["value"][1] == "42"
     assert result[0]["metric"]["pod"] == "exporter"

@@ -116,7 +116,7 @@ def test_missing_secret_blocks_launch_until_created(
     make_secrets(core, namespace)
     wait_for(
         lambda: client.BatchV1Api(kube).list_namespaced_job(namespace).items,
-        60,
+        120,
         "the training Job once the secrets exist",
     )
     ready = wait_for(

@@ -225,9 +225,11 @@ class NodeAgent:
         """Rewrites every pod's /etc/hosts (headless-service names) and Prometheus' pod targets."""
         with self.lock:
             runners = list(self.runners.values())
-        for runner in runners:
-            _write_in_place(runner.root / "hosts", _hosts_file(runner, runners))
-        _write_targets(self.run_dir / "prometheus" / "targets" / "pods.json", runners)
+        # Pods still preparing their volumes have no hosts file yet; they get one at start.
+        started = [r for r in runners if (r.root / "hosts").exists()]
+        for runner in started:
+            _write_in_place(runner.root / "hosts", _hosts_file(runner, started))
+        _write_targets(self.run_dir / "prometheus" / "targets" / "pods.json", started)
 
     # -- pod watch -----------------------------------------------------------------------
     def watch_forever(self) -> None:

@@ -11,8 +11,10 @@ import ctypes.util
 import json
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 _MS_RDONLY = 1
 _MS_REMOUNT = 32
@@ -28,8 +30,8 @@ def _mount(source: str, target: str, flags: int) -> None:
         raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
 
 
-def _prepare_target(source: Path, target: Path) -> None:
-    if source.is_dir():
+def _prepare_target(source_is_dir: bool, target: Path) -> None:
+    if source_is_dir:
         target.mkdir(parents=True, exist_ok=True)
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,17 +39,23 @@ def _prepare_target(source: Path, target: Path) -> None:
             target.touch()
 
 
-def bind(source: str, target: str, read_only: bool) -> None:
-    _prepare_target(Path(source), Path(target))
-    _mount(source, target, _MS_BIND | _MS_REC)
-    if read_only:
-        _mount(source, target, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+def bind_all(mounts: list[dict[str, Any]]) -> None:
+    """Binds every volume at its mount path. Sources are opened first: a volume mounted over a
+    directory that holds other sources (an emptyDir at /tmp, say) must not hide them."""
+    opened = [(m, os.open(m["source"], os.O_PATH)) for m in mounts]
+    # Parents before children, so /workspace does not cover /workspace/data afterwards.
+    for mount, fd in sorted(opened, key=lambda item: item[0]["target"].count("/")):
+        source = f"/proc/self/fd/{fd}"
+        _prepare_target(stat.S_ISDIR(os.fstat(fd).st_mode), Path(mount["target"]))
+        _mount(source, mount["target"], _MS_BIND | _MS_REC)
+        if mount["readOnly"]:
+            _mount(source, mount["target"], _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+        os.close(fd)
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    for mount in spec["mounts"]:
-        bind(mount["source"], mount["target"], mount["readOnly"])
+    bind_all(spec["mounts"])
     socket.sethostname(spec["hostname"])
     os.chdir(spec["workingDir"])
     argv: list[str] = spec["argv"]

@@ -133,6 +133,7 @@ class PodRunner:
         self._patch(phase="Pending")
         if not self._prepare_volumes():
             return self._finish_after_stop()
+        self._hosts_mount()  # creates the hosts file the agent keeps current from now on
         self.node.pod_started(self)
         for init in spec.get("initContainers") or []:
             code = self._run_to_completion(init)
@@ -229,11 +230,11 @@ class PodRunner:
         spec = {
             "mounts": self._mounts(container),
             "hostname": self.hostname,
-            "workingDir": container.get("workingDir") or str(self.root / "rootfs"),
+            "workingDir": container.get("workingDir")
+            or "/",  # no image, so no WORKDIR: the root, as for FROM scratch,
             "argv": argv,
             "env": env,
         }
-        (self.root / "rootfs").mkdir(exist_ok=True)
         spec_path = self.root / f"launch-{container['name']}.json"
         spec_path.write_text(json.dumps(spec))
         spec_path.chmod(0o600)
