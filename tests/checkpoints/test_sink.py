@@ -146,9 +146,14 @@ def test_final_artifact_is_committed_with_its_manifest(
 
 
 def test_trainer_seam_builds_the_s3_sink(config: TrainerConfig) -> None:
+    from finetune_trainer.reporting import ProgressReporter
     from finetune_trainer.sink import build_sink
 
-    assert isinstance(build_sink(config), S3Sink)
+    reporter = ProgressReporter(config)
+    sink = build_sink(config, reporter, base_model_path="/models/base")
+    assert isinstance(sink, S3Sink)
+    sink._emit(CheckpointEvent("skipped", "s3://b/step-3", 3, "no MANIFEST.json"))
+    assert "checkpoint s3://b/step-3 skipped: no MANIFEST.json" in reporter.report.message
 
 
 def test_secret_key_never_in_logs_or_checkpoint_objects(

@@ -313,7 +313,10 @@ def test_gpu_memory_preflight(
 
 def test_gpu_memory_falls_back_to_the_operator_setting(spec_dict: Callable[..., Spec]) -> None:
     hw = policy.hardware(api.parse_spec(spec_dict()), OperatorSettings(gpu_memory_gib=48))
-    assert (hw.gpu_memory_gib, hw.gpu_memory_source) == (48, "operator setting FINETUNE_OPERATOR_GPU_MEMORY_GIB")
+    assert (hw.gpu_memory_gib, hw.gpu_memory_source) == (
+        48,
+        "operator setting FINETUNE_OPERATOR_GPU_MEMORY_GIB",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,11 @@ from finetune_operator.settings import OperatorSettings
 
 
 def test_defaults_without_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("FINETUNE_OPERATOR_ENVIRONMENT", "FINETUNE_OPERATOR_GPU_MEMORY_GIB", "FINETUNE_OPERATOR_NAMESPACES"):
+    for name in (
+        "FINETUNE_OPERATOR_ENVIRONMENT",
+        "FINETUNE_OPERATOR_GPU_MEMORY_GIB",
+        "FINETUNE_OPERATOR_NAMESPACES",
+    ):
         monkeypatch.delenv(name, raising=False)
     settings = OperatorSettings()
     assert settings.environment == Environment.AUTO

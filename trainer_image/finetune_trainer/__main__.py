@@ -63,14 +63,14 @@ def run_config(config: TrainerConfig) -> ExitCode:
     from finetune_trainer.methods.loading import MethodError
     from finetune_trainer.report_model import Phase
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
-    from finetune_trainer.sink import CheckpointRestoreError
+    from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
     from finetune_trainer.train import run
 
     metrics = TrainerMetrics(config.job.namespace, config.job.name)
     reporter = ProgressReporter(config)
     flags = runtime.log_startup(config)
     metrics.set_runtime(flags | runtime.library_versions())
-    metrics.serve(config.metrics_port)
+    metrics.serve(config.metrics_port)  # on $POD_IP when set
     try:
         return run(config, metrics, reporter)
     except (ConfigError, MethodError) as exc:
@@ -79,6 +79,8 @@ def run_config(config: TrainerConfig) -> ExitCode:
         code, messages = ExitCode.DATA_REFUSED, [str(exc)]
     except CheckpointRestoreError as exc:
         code, messages = ExitCode.CHECKPOINT_RESTORE_FAILED, [str(exc)]
+    except CheckpointStoreUnusableError as exc:  # credentials, bucket, endpoint: the message names the fix
+        code, messages = ExitCode.FAILED, [f"checkpoint store unusable: {exc}"]
     except Exception as exc:
         log.exception("training failed unexpectedly")
         code, messages = ExitCode.FAILED, [f"unexpected error: {type(exc).__name__}: {exc}"]

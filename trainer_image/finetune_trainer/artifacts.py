@@ -29,7 +29,8 @@ def write_sidecars(
 ) -> None:
     """The config, exact prompt template, data report and library versions, for reproducibility."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    if template:  # speech models have no prompt template
+        (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
     (folder / CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
     write_json(folder / DATA_REPORT_FILE, report.model_dump(by_alias=True))
     write_json(folder / ENVIRONMENT_FILE, dict(environment))

@@ -58,6 +58,8 @@ class ProgressCallback(TrainerCallback):
     ) -> None:
         self._start, self._start_step = time.monotonic(), state.global_step
         self.metrics.labels(self.metrics.total_steps).set(state.max_steps)
+        if state.global_step:
+            log.info("resuming at step %d of %d", state.global_step, state.max_steps)
 
     def on_log(
         self,
@@ -82,18 +84,17 @@ class ProgressCallback(TrainerCallback):
             m.labels(m.train_loss).set(logs["loss"])
             self._check_divergence(float(logs["loss"]), state, control)
         remaining = state.max_steps - state.global_step
-        self.reporter.update(
-            phase=Phase.TRAINING,
-            progress=Progress(
-                step=state.global_step,
-                total_steps=state.max_steps,
-                epoch=round(state.epoch or 0.0, 3),
-                loss=logs.get("loss"),
-                learning_rate=logs.get("learning_rate"),
-                tokens_per_second=round(steps_per_s * self.tokens_per_step, 1),
-                eta_seconds=round(remaining / steps_per_s, 1) if steps_per_s > 0 else None,
-            ),
+        progress = Progress(
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=round(state.epoch or 0.0, 3),
+            loss=logs.get("loss"),
+            learning_rate=logs.get("learning_rate"),
+            tokens_per_second=round(steps_per_s * self.tokens_per_step, 1),
+            eta_seconds=round(remaining / steps_per_s, 1) if steps_per_s > 0 else None,
         )
+        log.info("progress: %s", progress.model_dump_json(by_alias=True, exclude_none=True))
+        self.reporter.update(phase=Phase.TRAINING, progress=progress)
 
     def _check_divergence(self, loss: float, state: TrainerState, control: TrainerControl) -> None:
         self._logs += 1
@@ -179,30 +180,49 @@ def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Pa
 
 
 class CheckpointCallback(TrainerCallback):
-    """After each save: add sidecar files and hand the folder to the sink."""
+    """After each save: add sidecar files and hand the folder to the sink (world rank 0 only).
+
+    With `live_fingerprint`, the live model's restore fingerprint is written into the folder first,
+    so verification proves the stored files restore the model that was training. Without it the
+    sink fingerprints the saved folder by loading it (see `train.live_fingerprint_matches`); so it
+    does for a model on a GPU, since the restore check reloads on CPU.
+    """
 
     def __init__(
-        self, sink: CheckpointSink, sidecar_dir: Path, reporter: ProgressReporter, run: RunState
+        self,
+        sink: CheckpointSink,
+        sidecar_dir: Path,
+        reporter: ProgressReporter,
+        run: RunState,
+        live_fingerprint: bool = False,
     ) -> None:
         self.sink, self.sidecar_dir, self.reporter, self.run = sink, sidecar_dir, reporter, run
+        self.live_fingerprint = live_fingerprint
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
+        self.run.checkpoint_steps.append(state.global_step)
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
-            return
+        if not state.is_world_process_zero or not folder.is_dir():
+            return  # one uploader per job; other nodes' ZeRO shards need a shared output volume
+        if self.run.preempted:
+            self.sink.defer_verification()
         for sidecar in self.sidecar_dir.glob("*.j*"):  # json and jinja sidecars
             shutil.copy2(sidecar, folder / sidecar.name)
-        metrics = {
-            k: float(v)
-            for k, v in (state.log_history[-1] if state.log_history else {}).items()
-            if isinstance(v, int | float)
-        }
-        info = self.sink.save(folder, state.global_step, metrics)
-        self.run.checkpoint_steps.append(state.global_step)
+        model = kw.get("model")
+        if self.live_fingerprint and model is not None and next(model.parameters()).device.type == "cpu":
+            from finetune_trainer.checkpoints.fingerprint import write_fingerprint
+
+            write_fingerprint(model, folder)
+        info = self.sink.save(folder, state.global_step, _last_metrics(state))
         if info is not None:
             self.reporter.update(checkpoint=info)
+
+
+def _last_metrics(state: TrainerState) -> dict[str, float]:
+    last = state.log_history[-1] if state.log_history else {}
+    return {k: float(v) for k, v in last.items() if isinstance(v, int | float)}
 
 
 class PreemptionCallback(TrainerCallback):

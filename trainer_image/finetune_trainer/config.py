@@ -42,7 +42,10 @@ class JobIdentity(_Spec):
 
 
 # scenario_pass_rate: share of validation.heldOutScenarios whose answer contains `expect`.
-TaskMetric = Literal["eval_loss", "perplexity", "exact_match", "token_f1", "rougeL", "scenario_pass_rate"]
+# wer: word error rate of transcriptions (dataset.format: audio).
+TaskMetric = Literal[
+    "eval_loss", "perplexity", "exact_match", "token_f1", "rougeL", "scenario_pass_rate", "wer"
+]
 
 
 class SuccessCriterion(_Spec):
@@ -127,9 +130,18 @@ class Split(_Spec):
 
 
 class Audio(_Spec):
-    sample_rate: PositiveInt = 16_000
-    chunk_seconds: float = Field(default=30.0, gt=0.0, le=30.0, description="Whisper reads 30 s windows")
-    audio_column: str = "audio"
+    """Speech data: one clip per record with its transcript (see finetune_trainer.data.audio)."""
+
+    sample_rate: PositiveInt = Field(
+        default=16_000, description="the model's rate; clips at other rates are resampled to it"
+    )
+    chunk_seconds: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=30.0,
+        description="Whisper reads 30 s windows; longer clips (or beyond the model's window) are left out",
+    )
+    audio_column: str = Field(default="audio", description="clip path, relative to the dataset file")
     text_column: str = "text"
 
 

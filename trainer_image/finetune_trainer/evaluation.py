@@ -15,7 +15,7 @@ from finetune_trainer.data.formats import Example, Message
 from finetune_trainer.data.tokenization import render
 from finetune_trainer.report_model import CheckResult, Predictions
 
-LOWER_IS_BETTER = {"eval_loss", "perplexity"}
+LOWER_IS_BETTER = {"eval_loss", "perplexity", "wer"}
 GENERATION_METRICS = ("exact_match", "token_f1", "rougeL")
 
 # --- text metrics (SQuAD-style normalization) ------------------------------------------------------------
@@ -57,6 +57,26 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def _edit_distance(hypothesis: Sequence[str], reference: Sequence[str]) -> int:
+    previous = list(range(len(reference) + 1))
+    for i, word in enumerate(hypothesis, start=1):
+        current = [i]
+        for j, ref in enumerate(reference, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != ref)))
+        previous = current
+    return previous[-1]
+
+
+def word_error_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus WER: word substitutions, insertions and deletions over reference words (normalized text)."""
+    errors = words = 0
+    for prediction, reference in zip(predictions, references, strict=True):
+        ref = normalize_answer(reference).split()
+        errors += _edit_distance(normalize_answer(prediction).split(), ref)
+        words += len(ref)
+    return errors / words if words else float(errors > 0)
 
 
 # --- generation ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -13,10 +14,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, Info, generate_latest, start_http_server
 
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.redact import redact
 from finetune_trainer.report_model import PROGRESS_KEY, DataSummary, Predictions, TrainerReport
 
 log = logging.getLogger(__name__)
 LABELS = ("namespace", "job")
+POD_IP_ENV = "POD_IP"  # the operator sets it from the pod's status.podIP
+MAX_NOTICES = 5
 
 
 class TrainerMetrics:
@@ -87,10 +91,16 @@ class TrainerMetrics:
             for i in range(torch.cuda.device_count()):
                 self.labels(self.gpu_memory, device=str(i)).set(torch.cuda.max_memory_allocated(i))
 
-    def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, registry=self.registry)
-            log.info("metrics on port %d", port)
+    def serve(self, port: int, env: Mapping[str, str] | None = None) -> Any:
+        """Serve /metrics on the pod IP (pods may share a host's network), else on every address.
+        Returns the HTTP server, or None when the port is 0."""
+        if not port:
+            return None
+        env = os.environ if env is None else env
+        address = env.get(POD_IP_ENV, "").strip() or "0.0.0.0"  # noqa: S104 - no pod IP: all interfaces
+        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        log.info("metrics on %s port %d", address, port)
+        return server
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -99,7 +109,8 @@ class TrainerMetrics:
 class ProgressReporter:
     """Writes the TrainerReport to the job's progress ConfigMap, or to report.file.
 
-    Writes are throttled except on phase changes; errors are logged and swallowed.
+    Writes are throttled except on phase changes; errors are logged and swallowed. Notices
+    (problems that did not stop training, such as a skipped checkpoint) stay in every later message.
     """
 
     def __init__(self, config: TrainerConfig, min_interval_s: float = 10.0) -> None:
@@ -110,15 +121,25 @@ class ProgressReporter:
         self._min_interval = min_interval_s
         self._last_write = 0.0
         self._last_phase = self.report.phase
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._api: Any = None
+        self.notices: list[str] = []
+        self._message = ""  # the last message, without notices
 
     def update(self, force: bool = False, **fields: Any) -> None:
         with self._lock:
+            if "message" in fields:
+                self._message = fields["message"]
+                fields["message"] = "; ".join(m for m in (self._message, *self.notices) if m)
             self.report = self.report.model_copy(update=fields)
             phase_changed = self.report.phase != self._last_phase
             if force or phase_changed or time.monotonic() - self._last_write >= self._min_interval:
                 self._write()
+
+    def notice(self, text: str) -> None:
+        with self._lock:
+            self.notices = [*self.notices, redact(text)][-MAX_NOTICES:]
+            self.update(message=self._message, force=True)
 
     def _write(self) -> None:
         self.report.updated_at = TrainerReport().updated_at
@@ -128,10 +149,17 @@ class ProgressReporter:
             if self._config_map:
                 self._patch(document)
             if self._file:
-                self._file.parent.mkdir(parents=True, exist_ok=True)
-                self._file.write_text(document, encoding="utf-8")
+                self._write_file(self._file, document)
         except Exception as exc:  # reporting must never kill training
             log.warning("could not write the progress report: %s", exc)
+
+    @staticmethod
+    def _write_file(path: Path, document: str) -> None:
+        """Write then rename, so a reader never sees half a document."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp")
+        partial.write_text(document, encoding="utf-8")
+        partial.replace(path)
 
     def _patch(self, document: str) -> None:
         if self._api is None:

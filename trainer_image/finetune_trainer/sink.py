@@ -3,7 +3,7 @@
 Training saves checkpoints and the final artifact to local folders and hands them to a
 `CheckpointSink`. `LocalSink` keeps them on local disk (and resumes from there after a
 restart on the same volume). A remote store plugs in as `finetune_trainer.checkpoints`
-providing `build_sink(config) -> CheckpointSink`.
+providing `build_sink(config, on_event=..., base_model_path=...) -> CheckpointSink`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.report_model import CheckpointInfo
+
+if TYPE_CHECKING:
+    from finetune_trainer.reporting import ProgressReporter
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"checkpoint-(\d+)$")
@@ -24,6 +27,32 @@ _STEP_DIR = re.compile(r"checkpoint-(\d+)$")
 
 class CheckpointRestoreError(Exception):
     """A checkpoint to resume from exists but cannot be restored (exit 5)."""
+
+
+class CheckpointStoreUnusableError(Exception):
+    """The checkpoint store cannot be used as configured: credentials, bucket, endpoint (exit 1)."""
+
+
+class CheckpointEventLike(Protocol):
+    """What the remote store reports about a checkpoint (`checkpoints.CheckpointEvent`)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def uri(self) -> str: ...
+    @property
+    def step(self) -> int | None: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def info(self) -> CheckpointInfo: ...
+
+
+PROBLEM_EVENTS = {
+    "skipped": "skipped",
+    "invalid": "failed verification",
+    "upload_failed": "was not stored",
+}
 
 
 class CheckpointSink(Protocol):
@@ -37,6 +66,11 @@ class CheckpointSink(Protocol):
 
     def save_final(self, local_dir: Path) -> CheckpointInfo | None:
         """The final artifact folder."""
+        ...
+
+    def defer_verification(self) -> None:
+        """Commit later checkpoints without verifying them: a preempted pod has seconds left, and
+        the next run verifies a pending checkpoint before it resumes from it."""
         ...
 
     def close(self) -> None:
@@ -62,12 +96,36 @@ class LocalSink:
     def save_final(self, local_dir: Path) -> CheckpointInfo | None:
         return None
 
+    def defer_verification(self) -> None:
+        return None
+
     def close(self) -> None:
         return None
 
 
-def build_sink(config: TrainerConfig) -> CheckpointSink:
-    """The remote store when one is configured and available, else local disk."""
+def report_checkpoint_events(reporter: ProgressReporter) -> Callable[[CheckpointEventLike], None]:
+    """Committed and verified checkpoints go to the report's checkpoint; problems to its message,
+    so the job's status shows which checkpoint was not used and why."""
+
+    def handle(event: CheckpointEventLike) -> None:
+        if event.kind in ("committed", "verified"):
+            reporter.update(checkpoint=event.info)
+        elif event.kind in PROBLEM_EVENTS:
+            notice = f"checkpoint {event.uri} {PROBLEM_EVENTS[event.kind]}: {event.reason}"
+            log.warning("%s", notice)
+            reporter.notice(notice)
+
+    return handle
+
+
+def build_sink(
+    config: TrainerConfig, reporter: ProgressReporter, base_model_path: str | None = None
+) -> CheckpointSink:
+    """The remote store when one is configured and available, else local disk.
+
+    `base_model_path` is the resolved (already downloaded) base model, which restore checks of
+    LoRA adapters load instead of fetching the base model a second time.
+    """
     if not config.checkpoints.store.bucket:
         return LocalSink()
     try:
@@ -77,5 +135,7 @@ def build_sink(config: TrainerConfig) -> CheckpointSink:
             "checkpoints.store.bucket is set but this image has no remote checkpoint store; local only"
         )
         return LocalSink()
-    sink: CheckpointSink = module.build_sink(config)
+    sink: CheckpointSink = module.build_sink(
+        config, on_event=report_checkpoint_events(reporter), base_model_path=base_model_path
+    )
     return sink

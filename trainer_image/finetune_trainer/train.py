@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import artifacts, evaluation
+from finetune_trainer import artifacts, evaluation, speech
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EvalMetricsCallback,
@@ -20,9 +22,11 @@ from finetune_trainer.callbacks import (
     diagnose_model,
 )
 from finetune_trainer.config import ConfigError, TrainerConfig
+from finetune_trainer.data.audio import load_audio, tokenize_audio
 from finetune_trainer.data.chunking import PackedCollator
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.pipeline import CleanData, PreparedData, clean_and_split, tokenize_splits
+from finetune_trainer.data.report import DataReport
 from finetune_trainer.data.tokenization import ensure_template
 from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.methods.deepspeed import deepspeed_available, zero_config
@@ -35,7 +39,7 @@ from finetune_trainer.methods.loading import (
 from finetune_trainer.report_model import MethodInfo, Phase
 from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 from finetune_trainer.runtime import environment_info, set_seeds
-from finetune_trainer.sink import CheckpointSink, build_sink
+from finetune_trainer.sink import CheckpointSink, LocalSink, build_sink
 
 log = logging.getLogger(__name__)
 FULL_MIN_EXAMPLES = 1_000
@@ -107,15 +111,15 @@ def eval_schedule(config: TrainerConfig, steps_per_epoch: int, examples: int) ->
     return {"eval_strategy": "epoch"}
 
 
-def training_arguments(config: TrainerConfig, paths: Paths, data: PreparedData) -> Any:
+def training_arguments(config: TrainerConfig, paths: Paths, work: Workload) -> Any:
     import torch
     from transformers import TrainingArguments
 
     hp = config.hyperparameters
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, len(data.train) // (hp.batch_size * hp.gradient_accumulation * world))
+    steps_per_epoch = max(1, len(work.train) // (hp.batch_size * hp.gradient_accumulation * world))
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and config.method.type != "qlora"
-    schedule = eval_schedule(config, steps_per_epoch, data.report.examples) if data.validation else {}
+    schedule = eval_schedule(config, steps_per_epoch, work.examples) if work.validation else {}
     ds = config.method.deepspeed
     if ds.enabled and not deepspeed_available():
         raise MethodError(
@@ -151,6 +155,21 @@ def training_arguments(config: TrainerConfig, paths: Paths, data: PreparedData) 
 
 
 @dataclass
+class Workload:
+    """What differs between text and speech fine-tuning."""
+
+    model: Any
+    processor: Any  # the tokenizer, or a speech processor; saved with checkpoints and the artifact
+    train: Sequence[Any]
+    validation: Sequence[Any]
+    examples: int
+    tokens_per_example: float
+    collator: Any
+    evaluate: Callable[[Any], dict[str, float]]  # held-out metrics of the trainer's model
+    chat: bool  # the job's validation prompts apply (a text model)
+
+
+@dataclass
 class Session:
     """What a run holds while training."""
 
@@ -162,35 +181,55 @@ class Session:
     run: RunState
 
 
-def build_trainer(s: Session, model: Any, tokenizer: Any, data: PreparedData) -> Any:
+def build_trainer(s: Session, work: Workload) -> Any:
     from transformers import Trainer
 
-    args = training_arguments(s.config, s.paths, data)
+    args = training_arguments(s.config, s.paths, work)
     hp = s.config.hyperparameters
-    mean_chunk = sum(len(f["input_ids"]) for f in data.train) / max(1, len(data.train))
     per_step = hp.batch_size * hp.gradient_accumulation * int(os.environ.get("WORLD_SIZE", "1"))
+    live = live_fingerprint_matches(s.config, s.sink)
     callbacks = [
-        ProgressCallback(s.metrics, s.reporter, s.run, mean_chunk * per_step, per_step, hp.loss_spike_factor),
+        ProgressCallback(
+            s.metrics, s.reporter, s.run, work.tokens_per_example * per_step, per_step, hp.loss_spike_factor
+        ),
         EvalMetricsCallback(s.metrics),
-        PromptsCallback(s.config, tokenizer, s.paths.out, s.metrics, s.reporter),
-        CheckpointCallback(s.sink, s.paths.sidecars, s.reporter, s.run),
+        CheckpointCallback(s.sink, s.paths.sidecars, s.reporter, s.run, live),
         PreemptionCallback(s.run),
     ]
+    if work.chat:
+        callbacks.append(PromptsCallback(s.config, work.processor, s.paths.out, s.metrics, s.reporter))
     return Trainer(
-        model=model,
+        model=work.model,
         args=args,
-        train_dataset=data.train,
-        eval_dataset=data.validation or None,
-        data_collator=PackedCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
+        train_dataset=work.train,
+        eval_dataset=work.validation or None,
+        data_collator=work.collator,
+        processing_class=work.processor,
         callbacks=callbacks,
     )
+
+
+def live_fingerprint_matches(config: TrainerConfig, sink: CheckpointSink) -> bool:
+    """Whether the live model's fingerprint can be compared with the restore check's reload.
+
+    The check reloads a causal language model on CPU, unsharded, in the dtype it was saved in.
+    QLoRA's training preparation upcasts the base's unquantized layers, DeepSpeed partitions or
+    wraps the model, GPU numerics differ from CPU ones, and speech models have no fingerprint:
+    there the sink records the fingerprint of the saved folder loaded like the check loads it,
+    which proves the stored bytes load and round-trip, but not that they hold the live model.
+    The device is checked at each save (the Trainer moves the model after this point).
+    """
+    if isinstance(sink, LocalSink) or not config.checkpoints.verify_restore:
+        return False
+    if config.dataset.format == "audio" or config.method.deepspeed.enabled:
+        return False
+    return config.method.type != "qlora"
 
 
 # --- evaluation ------------------------------------------------------------------------------------------
 
 
-def evaluate_held_out(s: Session, trainer: Any, tokenizer: Any, data: PreparedData) -> dict[str, float]:
+def evaluate_held_out(s: Session, trainer: Any, *, tokenizer: Any, data: PreparedData) -> dict[str, float]:
     """Loss and task metrics on the test split (the validation split when there is no test split)."""
     features, examples = (
         (data.test, data.test_examples) if data.test else (data.validation, data.validation_examples)
@@ -210,9 +249,7 @@ def evaluate_held_out(s: Session, trainer: Any, tokenizer: Any, data: PreparedDa
     return results
 
 
-def baseline_metrics(
-    s: Session, trainer: Any, tokenizer: Any, data: PreparedData, resume: Path | None
-) -> dict[str, float]:
+def baseline_metrics(s: Session, trainer: Any, work: Workload, resume: Path | None) -> dict[str, float]:
     """First attempt: evaluate the base model. A resumed attempt reuses the stored numbers."""
     for folder in (resume, s.paths.sidecars):
         if folder is not None and (folder / artifacts.BASELINE_FILE).is_file():
@@ -222,7 +259,7 @@ def baseline_metrics(
     if not s.config.goal.held_out_test:
         return {}
     s.reporter.update(phase=Phase.BASELINE)
-    baseline = evaluate_held_out(s, trainer, tokenizer, data)
+    baseline = work.evaluate(trainer)
     artifacts.write_json(s.paths.sidecars / artifacts.BASELINE_FILE, baseline)
     s.metrics.set_eval(baseline, "baseline")
     log.info("baseline: %s", json.dumps(baseline, sort_keys=True))
@@ -232,20 +269,22 @@ def baseline_metrics(
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-def prepare(s: Session) -> tuple[CleanData, list[str]]:
-    s.reporter.update(
-        phase=Phase.PREPARING, method=MethodInfo(type=s.config.method.type, reason=s.config.method.reason)
+def prepare(config: TrainerConfig, reporter: ProgressReporter) -> tuple[CleanData | None, list[str]]:
+    """Text data is cleaned and split before the model is fetched; speech data needs the model's
+    feature extractor first (see speech_workload)."""
+    reporter.update(
+        phase=Phase.PREPARING, method=MethodInfo(type=config.method.type, reason=config.method.reason)
     )
-    clean = clean_and_split(s.config.dataset, s.config.checkpoints.store)
-    warnings = check_small_data(s.config, clean.report.examples)
+    if config.dataset.format == "audio":
+        return None, []
+    clean = clean_and_split(config.dataset, config.checkpoints.store)
+    warnings = check_small_data(config, clean.report.examples)
     for warning in warnings:
         log.warning("%s", warning)
     return clean, warnings
 
 
-def tokenize(
-    s: Session, clean: CleanData, model_path: str, warnings: list[str]
-) -> tuple[Any, str, PreparedData]:
+def tokenize(s: Session, clean: CleanData, model_path: str, warnings: list[str]) -> tuple[Any, PreparedData]:
     from transformers import AutoConfig
 
     config = s.config
@@ -260,11 +299,67 @@ def tokenize(
     data = tokenize_splits(clean, tokenizer, config.dataset, effective_max_tokens(config, context))
     data.report.template = "tokenizer" if own_template else "default"
     data.report.warnings = warnings
-    artifacts.write_sidecars(s.paths.sidecars, config, template, data.report, environment_info())
-    s.metrics.set_data(data.report.summary())
-    s.reporter.update(data=data.report.summary(), force=True)
-    log.info("data: %s", data.report.model_dump_json(by_alias=True))
-    return tokenizer, template, data
+    publish_data_report(s, data.report, template)
+    return tokenizer, data
+
+
+def publish_data_report(s: Session, report: DataReport, template: str) -> None:
+    artifacts.write_sidecars(s.paths.sidecars, s.config, template, report, environment_info())
+    s.metrics.set_data(report.summary())
+    s.reporter.update(data=report.summary(), force=True)
+    log.info("data: %s", report.model_dump_json(by_alias=True))
+
+
+def text_workload(s: Session, clean: CleanData, warnings: list[str], model_path: str) -> Workload:
+    config = s.config
+    tokenizer, data = tokenize(s, clean, model_path, warnings)
+    model = load_for_training(
+        model_path, config.model, config.method, config.hyperparameters.gradient_checkpointing
+    )
+    return Workload(
+        model=model,
+        processor=tokenizer,
+        train=data.train,
+        validation=data.validation,
+        examples=data.report.examples,
+        tokens_per_example=sum(len(f["input_ids"]) for f in data.train) / max(1, len(data.train)),
+        collator=PackedCollator(tokenizer.pad_token_id),
+        evaluate=partial(evaluate_held_out, s, tokenizer=tokenizer, data=data),
+        chat=True,
+    )
+
+
+def speech_workload(s: Session, model_path: str) -> Workload:
+    config = s.config
+    processor = speech.load_processor(model_path, config.model.revision)
+    rate, window = speech.model_window(processor)
+    data = load_audio(config.dataset, config.checkpoints.store, rate, window)
+    max_target = int(getattr(_model_config(model_path, config), "max_target_positions", 448))
+    tokenize_audio(data, processor.tokenizer, max_target)
+    data.report.warnings = check_small_data(config, data.report.examples) + data.report.warnings
+    publish_data_report(s, data.report, "")
+    collator = speech.SpeechCollator(processor)
+    v = config.validation
+    held_out = data.test or data.validation
+    return Workload(
+        model=speech.load_speech_model(model_path, config.model, config.method),
+        processor=processor,
+        train=data.train,
+        validation=data.validation,
+        examples=data.report.examples,
+        tokens_per_example=data.report.tokens / max(1, data.report.examples),
+        collator=collator,
+        evaluate=lambda trainer: speech.evaluate_speech(
+            trainer, collator, held_out, v.max_generation_samples, v.max_new_tokens
+        ),
+        chat=False,
+    )
+
+
+def _model_config(model_path: str, config: TrainerConfig) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path, revision=config.model.revision)
 
 
 def decide(s: Session, baseline: dict[str, float], final: dict[str, float]) -> ExitCode:
@@ -282,42 +377,37 @@ def decide(s: Session, baseline: dict[str, float], final: dict[str, float]) -> E
     return ExitCode.SUCCEEDED
 
 
-def train(s: Session) -> ExitCode:
-    config = s.config
-    clean, warnings = prepare(s)
-    set_seeds(config.hyperparameters.seed)
-    model_path = resolve_model_path(config.model, config.checkpoints.store, s.paths.out)
-    tokenizer, _template, data = tokenize(s, clean, model_path, warnings)
-    model = load_for_training(
-        model_path, config.model, config.method, config.hyperparameters.gradient_checkpointing
-    )
+def train(s: Session, clean: CleanData | None, warnings: list[str], model_path: str) -> ExitCode:
+    work = text_workload(s, clean, warnings, model_path) if clean else speech_workload(s, model_path)
     resume = s.sink.restore(s.paths.checkpoints)
-    trainer = build_trainer(s, model, tokenizer, data)
-    baseline = baseline_metrics(s, trainer, tokenizer, data, resume)
+    trainer = build_trainer(s, work)
+    baseline = baseline_metrics(s, trainer, work, resume)
     s.reporter.update(phase=Phase.TRAINING, baseline=baseline, force=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if s.run.preempted:
-        s.sink.close()
-        s.reporter.update(message="preempted: checkpoint saved, resume on retry", force=True)
+        s.sink.close()  # raises if the checkpoint was not committed: then this is no clean preemption
+        step = s.run.checkpoint_steps[-1] if s.run.checkpoint_steps else 0
+        s.reporter.update(message=f"preempted: checkpoint of step {step} saved, resume on retry", force=True)
         return ExitCode.PREEMPTED_CHECKPOINTED
     if s.run.stop_reason:
         s.reporter.update(phase=Phase.FAILED, message=s.run.stop_reason, force=True)
         return ExitCode.FAILED
-    return finish(s, trainer, tokenizer, data, baseline)
+    return finish(s, trainer, work, baseline)
 
 
-def finish(
-    s: Session, trainer: Any, tokenizer: Any, data: PreparedData, baseline: dict[str, float]
-) -> ExitCode:
+def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float]) -> ExitCode:
     s.reporter.update(phase=Phase.EVALUATING, force=True)
-    final = evaluate_held_out(s, trainer, tokenizer, data)
+    final = work.evaluate(trainer)
     s.metrics.set_eval(final, "final")
     log.info("final: %s", json.dumps(final, sort_keys=True))
-    predictions = diagnose_model(s.config, trainer.model, tokenizer, s.paths.out / "prompts", "final")
-    s.metrics.set_predictions(predictions)
-    s.reporter.update(predictions=predictions)
+    if work.chat:
+        predictions = diagnose_model(
+            s.config, trainer.model, work.processor, s.paths.out / "prompts", "final"
+        )
+        s.metrics.set_predictions(predictions)
+        s.reporter.update(predictions=predictions)
     folder = artifacts.save_final(
-        trainer.model, tokenizer, s.paths.final, s.paths.sidecars, {"baseline": baseline, "final": final}
+        trainer.model, work.processor, s.paths.final, s.paths.sidecars, {"baseline": baseline, "final": final}
     )
     info = s.sink.save_final(folder)
     s.sink.close()
@@ -329,8 +419,12 @@ def finish(
 def run(config: TrainerConfig, metrics: TrainerMetrics, reporter: ProgressReporter) -> ExitCode:
     paths = Paths(Path(config.output_dir))
     paths.out.mkdir(parents=True, exist_ok=True)
-    session = Session(config, paths, metrics, reporter, build_sink(config), RunState())
     try:
-        return train(session)
+        clean, warnings = prepare(config, reporter)  # data errors surface before any download
+        set_seeds(config.hyperparameters.seed)
+        model_path = resolve_model_path(config.model, config.checkpoints.store, paths.out)
+        sink = build_sink(config, reporter, model_path)
+        session = Session(config, paths, metrics, reporter, sink, RunState())
+        return train(session, clean, warnings, model_path)
     finally:
         (paths.out / "metrics.prom").write_bytes(metrics.exposition())

@@ -69,7 +69,8 @@ def store_error(exc: BaseException, store: S3Store, action: str) -> CheckpointSt
     if code in _MISSING_BUCKET:
         fix = "create the bucket or correct checkpoints.store.bucket"
         return CheckpointStoreError(
-            f"checkpoints.store.bucket: got {store.bucket!r}: no such bucket (fix: {fix})"
+            f"checkpoints.store.bucket: got {store.bucket!r}: no such bucket at "
+            f"{store.endpoint or 'AWS S3'} (fix: {fix})"
         )
     if code in _ACCESS_CODES:
         fix = "check the access key and secret in checkpoints.store.credentialsSecret and the bucket policy"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from finetune_trainer.sink import CheckpointRestoreError
+from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
 
 
-class CheckpointStoreError(Exception):
+class CheckpointStoreError(CheckpointStoreUnusableError):
     """The store cannot be used as configured (credentials, bucket, endpoint) or a transfer failed."""
 
 

@@ -19,7 +19,6 @@ from typing import Literal
 from finetune_trainer.checkpoints.describe import build_manifest, ensure_config
 from finetune_trainer.checkpoints.errors import (
     CheckpointRestoreError,
-    CheckpointStoreError,
     CheckpointVerificationError,
 )
 from finetune_trainer.checkpoints.fingerprint import read_fingerprint
@@ -103,19 +102,17 @@ class S3Sink:
     # --- restore ---------------------------------------------------------------------------------------
 
     def restore(self, work_dir: Path) -> Path | None:
+        """A CheckpointStoreError (credentials, bucket) propagates: its message says what to fix."""
         reported: set[str] = set()
-        try:
-            while True:  # each pass that finds a corrupt download marks it invalid and looks again
-                selection = self._select()
-                self._report_skipped(selection.skipped, reported)
-                if selection.checkpoint is None:
-                    return self._nothing(selection)
-                try:
-                    return self._download(selection.checkpoint, work_dir)
-                except CorruptCheckpointError as exc:
-                    self.store.mark_invalid(selection.checkpoint, f"corrupt: {exc}")
-        except CheckpointStoreError as exc:
-            raise CheckpointRestoreError(str(exc)) from None
+        while True:  # each pass that finds a corrupt download marks it invalid and looks again
+            selection = self._select()
+            self._report_skipped(selection.skipped, reported)
+            if selection.checkpoint is None:
+                return self._nothing(selection)
+            try:
+                return self._download(selection.checkpoint, work_dir)
+            except CorruptCheckpointError as exc:
+                self.store.mark_invalid(selection.checkpoint, f"corrupt: {exc}")
 
     def _select(self) -> Selection:
         own = self.store.latest_verified(verify_pending=True)
@@ -186,6 +183,9 @@ class S3Sink:
         uri = f"s3://{self.store.location.bucket}/{self.store.location.final_key}"
         self.uploader.run_now(self._task("final", staged, work, uri))
         return result[0]
+
+    def defer_verification(self) -> None:
+        self.verify = False
 
     def wait(self) -> None:
         """Block until every checkpoint handed over is stored (or has failed)."""

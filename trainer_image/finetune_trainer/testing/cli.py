@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +47,8 @@ class Result:
         return data
 
 
-def run_trainer(
-    config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None, timeout: int = 300
-) -> Result:
-    path = tmp / "config.json"
-    path.write_text(json.dumps(config))
-    full_env = {
+def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {
         **os.environ,
         "JOB_ID": "uid-1",
         "HF_HUB_OFFLINE": "1",
@@ -58,11 +56,61 @@ def run_trainer(
         "TOKENIZERS_PARALLELISM": "false",
         **(env or {}),
     }
+
+
+def run_trainer(
+    config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> Result:
+    path = tmp / "config.json"
+    path.write_text(json.dumps(config))
     proc = subprocess.run(
         [sys.executable, "-m", "finetune_trainer", "--config", str(path)],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=trainer_env(env),
         timeout=timeout,
     )
     return Result(proc.returncode, proc.stdout + proc.stderr, Path(config["outputDir"]))
+
+
+@dataclass
+class Running:
+    """A trainer started in the background, to be signalled mid-run."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    out: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+        """The first match of a regular expression in the log, waiting for it to appear."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.log())
+            if found:
+                return found
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the trainer log:\n{self.log()[-3000:]}")
+
+    def finish(self, timeout: float = 300.0) -> Result:
+        code = self.process.wait(timeout=timeout)
+        return Result(code, self.log(), self.out)
+
+
+def start_trainer(config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> Running:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(config))
+    log_path = tmp / "trainer.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "finetune_trainer", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=trainer_env(env),
+        )
+    return Running(process, log_path, Path(config["outputDir"]))

@@ -159,3 +159,114 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# --- speech ----------------------------------------------------------------------------------------------
+
+WHISPER_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|transcribe|>",
+    "<|translate|>",
+    "<|notimestamps|>",
+]
+SPEECH_RATE = 16_000
+SPEECH_WINDOW_SECONDS = 2  # the tiny feature extractor reads 2 s windows (Whisper itself: 30 s)
+_TONE_HZ = {word: 200.0 + 60.0 * i for i, word in enumerate(WORDS)}  # one pitch per word
+
+
+def build_tiny_whisper(out_dir: Path, seed: int = 0) -> Path:
+    """A random-initialized Whisper (WhisperConfig with tiny sizes), its feature extractor and a BPE
+    tokenizer trained locally on WORDS, saved with `save_pretrained` as one model folder."""
+    import torch
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    tokenizer = WhisperTokenizer(
+        **_whisper_vocab(),
+        pad_token=WHISPER_SPECIAL_TOKENS[0],  # <|endoftext|>, as in Whisper
+        additional_special_tokens=WHISPER_SPECIAL_TOKENS[1:],
+    )
+    extractor_class: Any = WhisperFeatureExtractor  # untyped in transformers
+    features = extractor_class(feature_size=16, sampling_rate=SPEECH_RATE, chunk_length=SPEECH_WINDOW_SECONDS)
+    start: Any = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=16,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=features.nb_max_frames // 2,  # the encoder's convolutions halve the frames
+        max_target_positions=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=start,
+        suppress_tokens=[],
+        begin_suppress_tokens=None,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    WhisperForConditionalGeneration(config).save_pretrained(out_dir, safe_serialization=True)
+    processor_class: Any = WhisperProcessor
+    processor_class(feature_extractor=features, tokenizer=tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+def _whisper_vocab() -> dict[str, Any]:
+    """Byte-level BPE vocab and merges, as WhisperTokenizer takes them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=WHISPER_SPECIAL_TOKENS[:1],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([*WORDS, *(f" {w}" for w in WORDS), " ".join(WORDS)], trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return {"vocab": model["vocab"], "merges": merges}
+
+
+def tone(word: str, seconds: float, rate: int = SPEECH_RATE, seed: int = 0) -> Any:
+    """A clip standing in for a spoken word: the word's pitch plus a little noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * _TONE_HZ[word] * t) + 0.02 * rng.standard_normal(t.size)
+    return wave.astype(np.float32)
+
+
+def write_clip(path: Path, samples: Any, rate: int = SPEECH_RATE) -> Path:
+    import soundfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), samples, rate)
+    return path
+
+
+def synthetic_speech(folder: Path, n: int, seed: int = 0) -> Path:
+    """`n` clips of one word each (0.3 to 1.0 s) and `data.jsonl` with {"audio", "text"} records;
+    the audio paths are relative to the JSONL file."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data
+    records = []
+    for i in range(n):
+        word = rng.choice(WORDS)
+        clip = write_clip(folder / "clips" / f"{i:04d}.wav", tone(word, rng.uniform(0.3, 1.0), seed=i))
+        records.append({"audio": clip.relative_to(folder).as_posix(), "text": word})
+    return write_jsonl(records, folder / "data.jsonl")

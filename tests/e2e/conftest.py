@@ -1,0 +1,105 @@
+"""Fixtures for end-to-end runs: the quickstart's tiny model and data in S3, and a way to launch
+a FineTuneJob from examples/quickstart.yaml with changes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from localcluster import ClusterInfo
+from localcluster.quickstart import EXAMPLE, ensure_secrets, upload_model_and_data
+from localcluster.testing import apply_yaml, pod_log
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+Launch = Callable[..., dict[str, Any]]
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(cluster: ClusterInfo) -> None:
+    """The tiny model and the learnable dataset, uploaded once per session."""
+    upload_model_and_data(cluster)
+
+
+@pytest.fixture
+def launch(
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    operator: Any,
+    tiny_assets: None,
+    namespace: str,
+) -> Launch:
+    """Creates the quickstart job (with `spec` changes) in the test's namespace."""
+    ensure_secrets(core, namespace, cluster)
+
+    def create(name: str, **spec: Any) -> dict[str, Any]:
+        doc = yaml.safe_load(EXAMPLE.read_text().replace("${S3_ENDPOINT}", cluster.s3_endpoint))
+        doc["metadata"]["name"] = name
+        doc["spec"] = merged(doc["spec"], spec)
+        apply_yaml(kube, yaml.safe_dump(doc), namespace)
+        return get_job(kube, namespace, name)
+
+    return create
+
+
+def get_job(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi(kube).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return obj
+
+
+@pytest.fixture
+def job_status(kube: client.ApiClient, namespace: str) -> Callable[[str], dict[str, Any]]:
+    return lambda name: get_job(kube, namespace, name).get("status") or {}
+
+
+@pytest.fixture
+def pod_logs(core: client.CoreV1Api, cluster: ClusterInfo, namespace: str) -> Callable[[], str]:
+    """The tail of every pod's log in the namespace: what a failing wait should show."""
+
+    def read() -> str:
+        pods = core.list_namespaced_pod(namespace).items
+        return "".join(pod_log(cluster.run_dir, namespace, p.metadata.name)[-2500:] for p in pods)
+
+    return read
+
+
+def trainer_pids(job_uid: str) -> list[int]:
+    """Processes of the job's trainer pods (their environment carries JOB_ID)."""
+    needle = f"JOB_ID={job_uid}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_trainer(job_uid: str) -> int:
+    """SIGKILL the trainer: what a crash or an OOM kill looks like. Returns how many died."""
+    pids = trainer_pids(job_uid)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
