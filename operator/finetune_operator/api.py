@@ -121,6 +121,7 @@ class Metric(StrEnum):
     TOKEN_F1 = "token_f1"  # noqa: S105 (a metric name)
     ROUGE_L = "rougeL"
     SCENARIO_PASS_RATE = "scenario_pass_rate"  # noqa: S105 (a metric name)
+    WER = "wer"  # word error rate, for speech (format: audio)
 
 
 class SuccessCriterion(_Model):
@@ -205,7 +206,7 @@ class GoalSpec(_Model):
         description=(
             "Metrics measured on the baseline and after every evaluation: eval_loss, perplexity, "
             "exact_match, token_f1, rougeL, scenario_pass_rate (share of validation.heldOutScenarios "
-            "answered as expected)."
+            "answered as expected), wer (word error rate, for speech)."
         ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
