@@ -317,7 +317,7 @@ def _status_from_children(
     if phase in (Phase.SUCCEEDED, Phase.FAILED):
         if not old.get("completionTime"):
             patch["completionTime"] = st._timestamp(now)
-        reason, message = _outcome(job, pods, phase)
+        reason, message = _outcome(job, pods, phase, report.message if report is not None else "")
         patch["message"] = message[: st.MAX_MESSAGE]
         conditions = st.set_condition(
             conditions,
@@ -364,7 +364,11 @@ def _exit(pod: Mapping[str, Any]) -> tuple[int, str] | None:
     return None
 
 
-def _outcome(job: Mapping[str, Any], pods: list[dict[str, Any]], phase: Phase) -> tuple[str, str]:
+def _outcome(
+    job: Mapping[str, Any], pods: list[dict[str, Any]], phase: Phase, reported: str = ""
+) -> tuple[str, str]:
+    """The condition reason and message for a finished job: the exit code's meaning, with the
+    trainer's own words (its termination message, else its last report)."""
     if phase == Phase.SUCCEEDED:
         return "Succeeded", "training finished and the success criteria were met"
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
@@ -376,6 +380,7 @@ def _outcome(job: Mapping[str, Any], pods: list[dict[str, Any]], phase: Phase) -
         )
         return str(cond.get("reason") or "JobFailed"), str(cond.get("message") or "the training Job failed")
     code, detail = exit_info
+    detail = detail.strip() or reported.strip()
     reason = {2: "InvalidConfig", 3: "SuccessCriteriaNotMet", 4: "DataRefused", 5: "CheckpointRestoreFailed"}
     message = st.explain_exit_code(code) + (f": {detail.strip()[:1500]}" if detail.strip() else "")
     return reason.get(code, "TrainerFailed"), message

@@ -4,10 +4,7 @@ a FineTuneJob from examples/quickstart.yaml with changes."""
 from __future__ import annotations
 
 import copy
-import os
-import signal
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,33 +70,12 @@ def job_status(kube: client.ApiClient, namespace: str) -> Callable[[str], dict[s
 
 
 @pytest.fixture
-def pod_logs(core: client.CoreV1Api, cluster: ClusterInfo, namespace: str) -> Callable[[], str]:
-    """The tail of every pod's log in the namespace: what a failing wait should show."""
+def pod_logs(core: client.CoreV1Api, cluster: ClusterInfo, namespace: str) -> Callable[..., str]:
+    """Every pod's log in the namespace (by default its tail: what a failing wait should show)."""
 
-    def read() -> str:
+    def read(tail: int | None = 2500) -> str:
         pods = core.list_namespaced_pod(namespace).items
-        return "".join(pod_log(cluster.run_dir, namespace, p.metadata.name)[-2500:] for p in pods)
+        logs = [pod_log(cluster.run_dir, namespace, p.metadata.name) for p in pods]
+        return "".join(log[-tail:] if tail else log for log in logs)
 
     return read
-
-
-def trainer_pids(job_uid: str) -> list[int]:
-    """Processes of the job's trainer pods (their environment carries JOB_ID)."""
-    needle = f"JOB_ID={job_uid}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def kill_trainer(job_uid: str) -> int:
-    """SIGKILL the trainer: what a crash or an OOM kill looks like. Returns how many died."""
-    pids = trainer_pids(job_uid)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return len(pids)

@@ -1,0 +1,155 @@
+"""A job's life beyond the happy path: crashes resume from the last verified checkpoint, suspend
+and resume, deletion mid-run, and a model that misses its success criteria."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from localcluster.testing import events_for, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+Status = Callable[[str], dict[str, Any]]
+
+# Long enough to interrupt, short enough for a test: about 250 steps, a checkpoint every 20.
+LONGER = {"hyperparameters": {"epochs": 3}, "checkpoints": {"everySteps": 20}}
+
+
+def trainer_pids(job_uid: str) -> list[int]:
+    """Processes of the job's trainer pods: their environment carries JOB_ID."""
+    needle = f"JOB_ID={job_uid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def verified_checkpoint(job_status: Status, name: str) -> dict[str, Any] | None:
+    status = job_status(name)
+    checkpoint = status.get("checkpoint") or {}
+    return status if checkpoint.get("verified") and status.get("phase") == "Training" else None
+
+
+def finished(job_status: Status, name: str) -> dict[str, Any] | None:
+    status = job_status(name)
+    return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+
+def test_killed_trainer_resumes_from_last_verified_checkpoint(
+    launch: Any, job_status: Status, pod_logs: Callable[..., str], core: client.CoreV1Api, namespace: str
+) -> None:
+    uid = launch("crashy", **LONGER)["metadata"]["uid"]
+    before = wait_for(
+        lambda: verified_checkpoint(job_status, "crashy"),
+        300,
+        "a verified checkpoint",
+        interval=1,
+        describe=pod_logs,
+    )
+    saved_step = int(before["checkpoint"]["step"])
+    pids = trainer_pids(uid)
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # what an OOM kill or a node crash looks like
+
+    status = wait_for(
+        lambda: finished(job_status, "crashy"), 600, "the job to finish", interval=2, describe=pod_logs
+    )
+    assert status["phase"] == "Succeeded", pod_logs()
+    assert status["restarts"] == 1
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", pod_logs(tail=None))]
+    assert resumed and resumed[-1] >= saved_step
+    assert any(e.startswith("TrainerRestarted") for e in events_for(core, namespace, "crashy"))
+
+
+def test_suspend_checkpoints_and_resume_continues(
+    launch: Any, kube: client.ApiClient, job_status: Status, pod_logs: Callable[..., str], namespace: str
+) -> None:
+    uid = launch("pausable", **LONGER)["metadata"]["uid"]
+    wait_for(
+        lambda: verified_checkpoint(job_status, "pausable"),
+        300,
+        "a verified checkpoint",
+        interval=1,
+        describe=pod_logs,
+    )
+    custom = client.CustomObjectsApi(kube)
+    custom.patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "pausable", {"spec": {"suspend": True}}
+    )
+    wait_for(
+        lambda: job_status("pausable").get("phase") == "Suspended", 120, "phase Suspended", describe=pod_logs
+    )
+    wait_for(lambda: not trainer_pids(uid), 120, "the trainer to stop", describe=pod_logs)
+    assert "SIGTERM" in pod_logs(tail=None)
+    checkpoint_step = int((job_status("pausable").get("checkpoint") or {}).get("step") or 0)
+    assert checkpoint_step > 0
+
+    custom.patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "pausable", {"spec": {"suspend": False}}
+    )
+    status = wait_for(
+        lambda: finished(job_status, "pausable"), 600, "the job to finish", interval=2, describe=pod_logs
+    )
+    assert status["phase"] == "Succeeded", pod_logs()
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", pod_logs(tail=None))]
+    assert resumed and resumed[-1] >= checkpoint_step
+
+
+def test_deleting_a_running_job_stops_everything(
+    launch: Any,
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    namespace: str,
+) -> None:
+    uid = launch("doomed", **LONGER)["metadata"]["uid"]
+    wait_for(
+        lambda: job_status("doomed").get("phase") == "Training", 300, "training to start", describe=pod_logs
+    )
+    assert trainer_pids(uid)
+    client.CustomObjectsApi(kube).delete_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "doomed"
+    )
+    batch = client.BatchV1Api(kube)
+
+    def all_gone() -> bool:
+        children = batch.list_namespaced_job(namespace).items + core.list_namespaced_pod(namespace).items
+        owned = [
+            c
+            for c in core.list_namespaced_config_map(namespace).items
+            if c.metadata.name.startswith("doomed")
+        ]
+        return not children and not owned and not trainer_pids(uid)
+
+    wait_for(all_gone, 180, "children and the trainer process to be gone")
+
+
+def test_missed_success_criteria_fail_the_job_with_the_reason(
+    launch: Any, job_status: Status, pod_logs: Callable[..., str]
+) -> None:
+    # Two steps teach the model nothing, so exact match cannot improve by 0.3.
+    launch("undertrained", hyperparameters={"maxSteps": 2})
+    status = wait_for(
+        lambda: finished(job_status, "undertrained"), 600, "the job to finish", interval=2, describe=pod_logs
+    )
+    assert status["phase"] == "Failed"
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["status"] == "False"
+    assert complete["reason"] == "SuccessCriteriaNotMet"
+    assert "exact_match" in complete["message"]
+    assert status["restarts"] == 0, "a failed success criterion must not be retried"
