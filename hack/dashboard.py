@@ -29,6 +29,10 @@ DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 NS = 'namespace=~"$namespace"'
 JOB = f'{NS}, job="$job"'
 
+# Counters appear on their first increment: until then these stand in for "0 so far".
+KNOWN_JOBS_ZERO = f"sum by (namespace, job) (0 * finetune_job_phase{{{NS}}})"
+HANDLERS_ZERO = "sum by (handler) (0 * rate(finetune_operator_reconciles_total[$__rate_interval]))"
+
 LAST_VALUE = common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
 
 Target = prometheus.Dataquery
@@ -81,24 +85,26 @@ def dashed(panel: Panel, series_name: str) -> Panel:
 
 
 def fleet_row() -> list[Panel]:
+    # The counts sum finetune_job_phase: it has a 0 series for every other phase of each job (so
+    # "failed" reads 0, not "No data") and changes with the status, not on the 15 s fleet refresh.
     return [
         single(
             "Jobs training",
             "FineTuneJobs in phase Training.",
             "none",
-            query(f'sum(finetune_jobs{{{NS}, phase="Training"}})'),
+            query(f'sum(finetune_job_phase{{{NS}, phase="Training"}})'),
         ),
         single(
             "Jobs failed",
             "FineTuneJobs in phase Failed.",
             "none",
-            query(f'sum(finetune_jobs{{{NS}, phase="Failed"}})'),
+            query(f'sum(finetune_job_phase{{{NS}, phase="Failed"}})'),
         ),
         single(
             "Jobs succeeded",
             "FineTuneJobs in phase Succeeded.",
             "none",
-            query(f'sum(finetune_jobs{{{NS}, phase="Succeeded"}})'),
+            query(f'sum(finetune_job_phase{{{NS}, phase="Succeeded"}})'),
         ),
         single(
             "GPU memory in use",
@@ -116,7 +122,7 @@ def fleet_row() -> list[Panel]:
             "Restarts (24h)",
             "Trainer restarts (preemption, pod loss, retries) in the last day.",
             "none",
-            query(f"sum(increase(finetune_job_restarts_total{{{NS}}}[24h]))"),
+            query(f"sum(increase(finetune_job_restarts_total{{{NS}}}[24h])) or sum({KNOWN_JOBS_ZERO})"),
         ),
         series(
             "Jobs by phase",
@@ -128,9 +134,10 @@ def fleet_row() -> list[Panel]:
             "Failures and restarts",
             "Jobs that failed and trainer restarts per hour.",
             "none",
-            query(f'sum by (namespace) (finetune_jobs{{{NS}, phase="Failed"}})', "failed {{namespace}}"),
+            query(f'sum by (namespace) (finetune_job_phase{{{NS}, phase="Failed"}})', "failed {{namespace}}"),
             query(
-                f"sum by (namespace, job) (increase(finetune_job_restarts_total{{{NS}}}[1h]))",
+                f"sum by (namespace, job) (increase(finetune_job_restarts_total{{{NS}}}[1h])) "
+                f"or {KNOWN_JOBS_ZERO}",
                 "restarts/h {{namespace}}/{{job}}",
                 ref="B",
             ),
@@ -170,7 +177,8 @@ def fleet_row() -> list[Panel]:
                 "sum by (handler) (rate(finetune_operator_reconciles_total[$__rate_interval]))", "{{handler}}"
             ),
             query(
-                "sum by (handler) (rate(finetune_operator_reconcile_errors_total[$__rate_interval]))",
+                "sum by (handler) (rate(finetune_operator_reconcile_errors_total[$__rate_interval])) "
+                f"or {HANDLERS_ZERO}",
                 "errors {{handler}}",
                 ref="B",
             ),
@@ -273,7 +281,8 @@ def job_row() -> list[Panel]:
         .datasource(DATASOURCE)
         .span(24)
         .height(5)
-        .with_target(query(f"finetune_trainer_runtime_info{{{JOB}}}", instant=True))
+        # The trainer's series end with its pod: show the flags of the run in the time range.
+        .with_target(query(f"last_over_time(finetune_trainer_runtime_info{{{JOB}}}[$__range])", instant=True))
     )
     return [
         phase,
@@ -288,7 +297,7 @@ def job_row() -> list[Panel]:
             "Restarts",
             "Trainer restarts of this job.",
             "none",
-            query(f"max(finetune_job_restarts_total{{{JOB}}})"),
+            query(f"max(finetune_job_restarts_total{{{JOB}}}) or max(0 * finetune_job_phase{{{JOB}}})"),
         ),
         single(
             "Time to first step",
