@@ -307,7 +307,9 @@ def _status_from_children(
     patch: dict[str, Any] = st.status_from_report(report) if report is not None else {}
     phase = st.phase_from_job(job.get("status"), report.phase.value if report is not None else None)
     patch["phase"] = phase.value
-    patch["restarts"] = _restarts(pods)
+    patch["restarts"] = _restarts(
+        pods, int(((body.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
+    )
     patch["observedGeneration"] = generation
     started = _first_start(pods)
     if started and not old.get("startTime"):
@@ -346,9 +348,10 @@ def _data_condition(
     return st.merge_findings(conditions, [finding], generation=generation, now=now)
 
 
-def _restarts(pods: list[dict[str, Any]]) -> int:
-    """Trainer pods that ended without success: each one was replaced by a resuming pod."""
-    return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")
+def _restarts(pods: list[dict[str, Any]], nodes: int) -> int:
+    """Replacement pods: every pod beyond one per node took over from one that ended early
+    (crashed, killed, preempted). A final failure alone is not a restart."""
+    return max(0, len(pods) - nodes)
 
 
 def _first_start(pods: list[dict[str, Any]]) -> str | None:
@@ -380,9 +383,10 @@ def _outcome(
         )
         return str(cond.get("reason") or "JobFailed"), str(cond.get("message") or "the training Job failed")
     code, detail = exit_info
-    detail = detail.strip() or reported.strip()
+    # The trainer's report says it best; the termination message may be a log tail (keep its end).
+    detail = reported.strip() or detail.strip()[-1500:]
     reason = {2: "InvalidConfig", 3: "SuccessCriteriaNotMet", 4: "DataRefused", 5: "CheckpointRestoreFailed"}
-    message = st.explain_exit_code(code) + (f": {detail.strip()[:1500]}" if detail.strip() else "")
+    message = st.explain_exit_code(code) + (f": {detail[:1500]}" if detail else "")
     return reason.get(code, "TrainerFailed"), message
 
 
@@ -431,9 +435,10 @@ def _changed(old: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
 def _record_metrics(body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     metrics.set_job_phase(namespace, name, str(patch.get("phase")), PHASES)
+    restarts = metrics.JOB_RESTARTS.labels(namespace, name)  # exists at 0 before the first restart
     old_restarts = int((body.get("status") or {}).get("restarts") or 0)
     if int(patch.get("restarts") or 0) > old_restarts:
-        metrics.JOB_RESTARTS.labels(namespace, name).inc(int(patch["restarts"]) - old_restarts)
+        restarts.inc(int(patch["restarts"]) - old_restarts)
     progress = patch.get("progress") or {}
     if progress.get("step") and (namespace, name) not in _first_step_seen:
         _first_step_seen.add((namespace, name))

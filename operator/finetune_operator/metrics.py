@@ -78,6 +78,7 @@ def serve(port: int) -> None:
 def observed(handler: str) -> Iterator[None]:
     """Counts and times one handler invocation, and its errors."""
     RECONCILES.labels(handler).inc()
+    RECONCILE_ERRORS.labels(handler)  # exists at 0, so increase() sees the first error
     started = time.monotonic()
     try:
         yield
