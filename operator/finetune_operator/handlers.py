@@ -10,13 +10,12 @@ Two flows:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from pydantic import ValidationError
@@ -42,9 +41,12 @@ def _kube() -> Kube:
 
 
 def _event(body: Mapping[str, Any], kind: str, *, reason: str, message: str) -> None:
-    """A Kubernetes event on the FineTuneJob (kopf posts it in the background)."""
-    with contextlib.suppress(LookupError):  # outside kopf's context there is no event queue
-        kopf.event(cast(kopf.Body, body), type=kind, reason=reason, message=message[:1024])
+    """A Kubernetes event on the FineTuneJob. Posted directly (not through kopf's queue) so the
+    periodic refresh thread can post too; a failed post is logged, never fatal."""
+    try:
+        _kube().event(body, kind, reason, message)
+    except Exception:
+        log.warning("could not post event %s for %s", reason, body["metadata"].get("name"), exc_info=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,10 +292,53 @@ def sync_status(namespace: str, name: str) -> None:
     pods = _kube().pods_of(namespace, body["metadata"]["uid"], builders.JOB_UID_LABEL)
     old = body.get("status") or {}
     patch = _status_from_children(body, job, report, pods)
+    _rotate_secrets(body, job, patch)
     _announce(body, old, patch, report, pods)
     if _changed(old, patch):
         _kube().patch_status(namespace, name, patch)
     _record_metrics(body, patch)
+
+
+def _rotate_secrets(body: Mapping[str, Any], job: Mapping[str, Any], patch: dict[str, Any]) -> None:
+    """A rotated Secret restarts training gracefully: the Job is suspended (the trainer commits a
+    checkpoint on SIGTERM), then resumed, and the new pods read the new values."""
+    if not _settings().check_secrets:
+        return
+    meta, old = body["metadata"], body.get("status") or {}
+    try:
+        spec = api.parse_spec(body["spec"])
+    except ValidationError:
+        return
+    names = {ref.name for ref in policy.required_secrets(spec)}
+    if not names:
+        return
+    current = builders.secret_versions_hash(_kube().secret_keys(meta["namespace"], names)[1])
+    annotations = ((job["spec"].get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    recorded = old.get("secretsHash") or annotations.get(builders.SECRETS_HASH_ANNOTATION)
+    rotating = next((c for c in old.get("conditions") or [] if c["type"] == "SecretsRotated"), None)
+    restarting = rotating is not None and rotating.get("reason") == "Restarting"
+    generation, now = int(meta.get("generation", 1)), st.utcnow()
+    if restarting and job["spec"].get("suspend") and not spec.suspend:
+        if not (job.get("status") or {}).get("active"):
+            _kube().patch_job_suspend(meta["namespace"], job["metadata"]["name"], False)
+            message = "new pods resume from the last checkpoint with the rotated Secrets"
+            new = st.condition("SecretsRotated", True, "Restarted", message, generation=generation, now=now)
+            patch["conditions"] = st.set_condition(patch["conditions"], new)
+        patch["phase"] = Phase.TRAINING.value
+        return
+    if recorded is None or current == recorded:
+        patch["secretsHash"] = current
+        return
+    if patch.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value) or spec.suspend:
+        patch["secretsHash"] = current  # nothing runs that could use the old values
+        return
+    _kube().patch_job_suspend(meta["namespace"], job["metadata"]["name"], True)
+    message = f"Secret(s) {', '.join(sorted(names))} changed: checkpointing, then restarting the trainer"
+    new = st.condition("SecretsRotated", True, "Restarting", message, generation=generation, now=now)
+    patch["conditions"] = st.set_condition(patch["conditions"], new)
+    patch["secretsHash"] = current
+    patch["phase"] = Phase.TRAINING.value
+    _event(body, "Normal", reason="SecretRotated", message=message)
 
 
 def _status_from_children(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config, dynamic
@@ -138,6 +139,32 @@ class Kube:
             found = custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)
             items += found.get("items", [])
         return items
+
+    def event(self, body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event about the FineTuneJob, as `kubectl describe ftj` shows them."""
+        meta = body["metadata"]
+        now = datetime.now(UTC)
+        self.core.create_namespaced_event(
+            meta["namespace"],
+            {
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": api.API_VERSION,
+                    "kind": api.KIND,
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta["uid"],
+                },
+                "type": kind,
+                "reason": reason,
+                "message": message[:1024],
+                "source": {"component": FIELD_MANAGER},
+                "reportingComponent": FIELD_MANAGER,
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            },
+        )
 
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
         client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(

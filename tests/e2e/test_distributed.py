@@ -33,7 +33,9 @@ def finished(job_status: Status, name: str) -> dict[str, Any] | None:
 
 
 def run_to_the_end(name: str, job_status: Status, pod_logs: Callable[[], str]) -> dict[str, Any]:
-    status = wait_for(lambda: finished(job_status, name), 420, f"{name} to finish", interval=2, describe=pod_logs)
+    status = wait_for(
+        lambda: finished(job_status, name), 420, f"{name} to finish", interval=2, describe=pod_logs
+    )
     assert status["phase"] == "Succeeded", (status, pod_logs())
     return status
 

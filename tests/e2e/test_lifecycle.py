@@ -3,6 +3,7 @@ and resume, deletion mid-run, and a model that misses its success criteria."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -153,3 +154,32 @@ def test_missed_success_criteria_fail_the_job_with_the_reason(
     assert complete["reason"] == "SuccessCriteriaNotMet"
     assert "exact_match" in complete["message"]
     assert status["restarts"] == 0, "a failed success criterion must not be retried"
+
+
+def test_rotated_secret_restarts_training_without_losing_work(
+    launch: Any, core: client.CoreV1Api, job_status: Status, pod_logs: Callable[..., str], namespace: str
+) -> None:
+    uid = launch("rotating", **LONGER)["metadata"]["uid"]
+    before = wait_for(
+        lambda: verified_checkpoint(job_status, "rotating"), 300, "a verified checkpoint", interval=1,
+        describe=pod_logs,
+    )  # fmt: skip
+    first_pids = set(trainer_pids(uid))
+    core.patch_namespaced_secret(
+        "persistence", namespace, {"stringData": {"serviceRoleKey": "rotated-value"}}
+    )
+
+    def rotated() -> dict[str, Any] | None:
+        status = job_status("rotating")
+        cond = next((c for c in status.get("conditions") or [] if c["type"] == "SecretsRotated"), None)
+        return status if cond and cond["reason"] == "Restarted" else None
+
+    wait_for(rotated, 180, "the trainer to restart with the rotated Secret", interval=1, describe=pod_logs)
+    status = wait_for(lambda: finished(job_status, "rotating"), 600, "the job to finish", interval=2,
+                      describe=pod_logs)  # fmt: skip
+    assert status["phase"] == "Succeeded", pod_logs()
+    assert not first_pids & set(trainer_pids(uid)), "the old trainer process must be gone"
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", pod_logs(tail=None))]
+    assert resumed and resumed[-1] >= int(before["checkpoint"]["step"])
+    assert any(e.startswith("SecretRotated") for e in events_for(core, namespace, "rotating"))
+    assert "rotated-value" not in json.dumps(status) + " ".join(events_for(core, namespace, "rotating"))

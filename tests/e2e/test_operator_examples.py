@@ -1,0 +1,701 @@
+"""The files in examples/ on a real control plane, what `kubectl apply` refuses, and an operator
+killed mid-reconcile.
+
+- Every FineTuneJob in examples/ is applied (suspended, so nothing trains) with dummy Secrets, and
+  its children, owner references, status and events are what the example's comments promise.
+- Invalid manifests are refused by the API server at apply time, each with a message naming the
+  field: the schema's types, enums and bounds, and every CEL rule of the CRD.
+- An operator killed with SIGKILL while reconciling, then restarted, leaves one Job per FineTuneJob.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+from localcluster import ClusterInfo
+from localcluster.processes import free_port, port_open
+from localcluster.testing import events_for, wait_for
+from localcluster.tools import REPO_ROOT, tool
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+EXAMPLES = REPO_ROOT / "examples"
+CANARY = "canary-5b71e0-dummy-secret-value"
+RENDEZVOUS_PORT = "29500"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def kubectl(cluster: ClusterInfo, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(tool("kubectl")), "--kubeconfig", cluster.kubeconfig, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def kubectl_apply(
+    cluster: ClusterInfo, namespace: str, doc: Mapping[str, Any], *, dry_run: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """What a user runs. kubectl validates strictly, so a misspelt field fails instead of being
+    silently pruned as it would be through a client that does not ask for strict validation."""
+    args = ["-n", namespace, "apply", "--server-side", "-f", "-"]
+    if dry_run:
+        args.append("--dry-run=server")
+    return kubectl(cluster, *args, stdin=yaml.safe_dump(dict(doc)))
+
+
+def custom(kube: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(kube)
+
+
+def get_ftj(kube: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return custom(kube).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)  # type: ignore[no-any-return]
+
+
+def condition(obj: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return cond  # type: ignore[no-any-return]
+    return None
+
+
+def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `changes` into a copy of `base`; a value of None deletes the key."""
+    out = copy.deepcopy(dict(base))
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def referenced_secrets(spec: Mapping[str, Any]) -> dict[str, set[str]]:
+    """Secret name -> keys, as a user reads them off the spec."""
+    wanted: dict[str, set[str]] = {}
+    store = spec["checkpoints"]["store"]
+    if "credentialsSecret" in store:
+        wanted.setdefault(store["credentialsSecret"], set()).update(
+            {store.get("accessKeyIdKey", "accessKeyId"), store.get("secretAccessKeyKey", "secretAccessKey")}
+        )
+    for var in spec.get("env") or []:
+        if "secretKeyRef" in var:
+            wanted.setdefault(var["secretKeyRef"]["name"], set()).add(var["secretKeyRef"]["key"])
+    return wanted
+
+
+def create_secrets(core: client.CoreV1Api, namespace: str, wanted: Mapping[str, set[str]]) -> None:
+    for name, keys in wanted.items():
+        body = {"metadata": {"name": name}, "stringData": {key: f"{CANARY}-{key}" for key in keys}}
+        core.create_namespaced_secret(namespace, body)
+
+
+def minimal_job(name: str, **changes: Any) -> dict[str, Any]:
+    spec = {
+        "goal": {
+            "task": "answer support tickets",
+            "metrics": ["exact_match"],
+            "successCriteria": [{"metric": "eval_loss", "maxRegression": 0.0}],
+        },
+        "model": {"source": "hf://Qwen/Qwen2.5-0.5B", "parameters": "0.5B"},
+        "dataset": {"source": "s3://data/tickets.jsonl", "format": "alpaca"},
+        "method": {"type": "lora"},
+        "checkpoints": {"store": {"bucket": "ckpt", "credentialsSecret": "s3-creds"}},
+        "suspend": True,
+    }
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": merged(spec, changes),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The examples
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What applying an example must produce, in the words of its comments."""
+
+    method: str
+    nodes: int
+    gpus: int
+    is_cloud: bool
+    deepspeed_stage: int | None = None
+
+
+EXPECTED = {
+    "quickstart.yaml": Expected(method="lora", nodes=1, gpus=1, is_cloud=False),
+    "qlora-onprem.yaml": Expected(method="qlora", nodes=1, gpus=1, is_cloud=False),
+    # The operator runs with FINETUNE_OPERATOR_ENVIRONMENT=onprem: the job's own environment wins.
+    "full-deepspeed-cloud.yaml": Expected(method="full", nodes=2, gpus=8, is_cloud=True, deepspeed_stage=2),
+    "lora-small-data.yaml": Expected(method="lora", nodes=1, gpus=1, is_cloud=False),
+}
+
+
+def job_examples() -> list[str]:
+    """Every FineTuneJob file in examples/ (the folder also holds Helm values)."""
+    names = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        if any(d.get("kind") == "FineTuneJob" for d in docs):
+            names.append(path.name)
+    return names
+
+
+def load_example(file: str, cluster: ClusterInfo) -> dict[str, Any]:
+    """The example as a user would apply it, placeholders filled in, suspended so no pod starts."""
+    text = (EXAMPLES / file).read_text().replace("${S3_ENDPOINT}", cluster.s3_endpoint)
+    assert "${" not in text, f"{file} has a placeholder this test does not fill in"
+    doc: dict[str, Any] = yaml.safe_load(text)
+    doc["spec"]["suspend"] = True
+    return doc
+
+
+def test_every_example_has_expectations() -> None:
+    assert set(job_examples()) == set(EXPECTED)
+
+
+def env_of(container: Any) -> dict[str, Any]:
+    return {e.name: e for e in container.env}
+
+
+def assert_owned(obj: Any, owner_uid: str) -> None:
+    refs = obj.metadata.owner_references or []
+    assert [(r.kind, r.uid, r.controller) for r in refs] == [("FineTuneJob", owner_uid, True)], (
+        f"{obj.kind} {obj.metadata.name} owner references: {refs}"
+    )
+
+
+@pytest.mark.parametrize("file", sorted(EXPECTED))
+def test_example_applies_and_gets_its_children(
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    operator: Any,
+    namespace: str,
+    file: str,
+) -> None:
+    expected = EXPECTED[file]
+    doc = load_example(file, cluster)
+    name, spec = doc["metadata"]["name"], doc["spec"]
+    create_secrets(core, namespace, referenced_secrets(spec))
+    applied = kubectl_apply(cluster, namespace, doc)
+    assert applied.returncode == 0, applied.stderr
+
+    batch, rbac = client.BatchV1Api(kube), client.RbacAuthorizationV1Api(kube)
+    job = wait_for(lambda: batch.read_namespaced_job(name, namespace), 60, f"the Job of {file}")
+    ftj = wait_for(
+        lambda: (
+            (o := get_ftj(kube, namespace, name)).get("status", {}).get("phase") == "Suspended"
+            and o["status"].get("method")
+            and o
+        ),
+        30,
+        "phase Suspended and the method decision",
+        describe=lambda: get_ftj(kube, namespace, name).get("status"),
+    )
+    uid = ftj["metadata"]["uid"]
+
+    # Status: the resolved method with a reason, also announced as an event.
+    method = ftj["status"]["method"]
+    assert method["type"] == expected.method
+    assert method["reason"]
+    assert method.get("deepspeedStage") == expected.deepspeed_stage
+    if expected.deepspeed_stage:
+        assert f"ZeRO-{expected.deepspeed_stage}" in method["reason"]
+    chosen = [e for e in events_for(core, namespace, name) if e.startswith("MethodChosen")]
+    assert chosen and method["reason"] in chosen[0]
+
+    # The Job: suspended, one pod per node, GPUs requested, the environment contract.
+    assert job.spec.suspend is True
+    assert (job.spec.completions, job.spec.parallelism) == (expected.nodes, expected.nodes)
+    assert job.spec.completion_mode == ("Indexed" if expected.nodes > 1 else "NonIndexed")
+    pod = job.spec.template.spec
+    container = pod.containers[0]
+    assert container.resources.requests["nvidia.com/gpu"] == str(expected.gpus)
+    assert container.resources.limits["nvidia.com/gpu"] == str(expected.gpus)
+    assert (pod.node_selector or {}) == spec["resources"].get("nodeSelector", {})
+    env = env_of(container)
+    assert env["JOB_ID"].value == uid
+    assert env["IS_CLOUD"].value == ("true" if expected.is_cloud else "false")
+    for var in spec.get("env") or []:
+        if "secretKeyRef" in var:
+            ref = env[var["name"]].value_from.secret_key_ref
+            assert (ref.name, ref.key) == (var["secretKeyRef"]["name"], var["secretKeyRef"]["key"])
+            assert env[var["name"]].value is None
+    assert CANARY not in json.dumps(kube.sanitize_for_serialization(job))
+
+    service_name = f"{name}-workers"
+    if expected.nodes > 1:
+        assert env["MASTER_ADDR"].value == f"{name}-0.{service_name}"
+        assert env["MASTER_PORT"].value == RENDEZVOUS_PORT
+        assert env["WORLD_SIZE"].value == str(expected.nodes * expected.gpus)
+        assert env["NODE_RANK"].value_from.field_ref.field_path == COMPLETION_INDEX
+        assert pod.subdomain == service_name
+        service = core.read_namespaced_service(service_name, namespace)
+        assert service.spec.cluster_ip == "None"
+        assert [p.port for p in service.spec.ports] == [int(RENDEZVOUS_PORT)]
+        assert_owned(service, uid)
+    else:
+        assert "MASTER_ADDR" not in env
+        with pytest.raises(ApiException) as missing:
+            core.read_namespaced_service(service_name, namespace)
+        assert missing.value.status == 404
+
+    # The trainer's config carries the operator's decision; the progress ConfigMap exists.
+    config_map = core.read_namespaced_config_map(f"{name}-config", namespace)
+    config = json.loads(config_map.data["config.json"])
+    assert config["method"]["type"] == expected.method
+    assert config["method"]["reason"] == method["reason"]
+    assert config["method"]["deepspeed"]["enabled"] is (expected.method == "full")
+    assert config["environment"]["isCloud"] is expected.is_cloud
+    assert config["job"]["uid"] == uid
+    assert CANARY not in json.dumps(config)
+    progress = core.read_namespaced_config_map(f"{name}-progress", namespace)
+
+    # The trainer's identity may touch its progress ConfigMap and nothing else.
+    account = core.read_namespaced_service_account(f"{name}-trainer", namespace)
+    role = rbac.read_namespaced_role(f"{name}-trainer", namespace)
+    binding = rbac.read_namespaced_role_binding(f"{name}-trainer", namespace)
+    assert [(r.resources, r.resource_names, sorted(r.verbs)) for r in role.rules] == [
+        (["configmaps"], [f"{name}-progress"], ["get", "patch"])
+    ]
+    assert [(s.kind, s.name) for s in binding.subjects] == [("ServiceAccount", f"{name}-trainer")]
+    assert pod.service_account_name == f"{name}-trainer"
+
+    for child in (job, config_map, progress, account, role, binding):
+        assert_owned(child, uid)
+
+    # `kubectl describe ftj` shows every preflight check as passed, and keeps showing it.
+    def preflight_passed() -> bool:
+        obj = get_ftj(kube, namespace, name)
+        found = [condition(obj, t) for t in ("SpecValid", "SecretsReady", "MemoryFits")]
+        return all(c and c["status"] == "True" for c in found)
+
+    wait_for(
+        preflight_passed,
+        30,
+        "conditions SpecValid, SecretsReady and MemoryFits to be True",
+        describe=lambda: get_ftj(kube, namespace, name)["status"].get("conditions"),
+    )
+
+
+def test_small_data_example_refuses_full_and_names_the_alternative(
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    operator: Any,
+    namespace: str,
+) -> None:
+    doc = load_example("lora-small-data.yaml", cluster)
+    create_secrets(core, namespace, referenced_secrets(doc["spec"]))
+    examples = doc["spec"]["dataset"]["expectedExamples"]
+    assert examples < 1000, "the example should stay below the refusal threshold"
+    # The lora block does not apply to full (a CEL rule says so), so a user removes it.
+    full = merged(doc, {"metadata": {"name": "faq-full"}, "spec": {"method": {"type": "full", "lora": None}}})
+    applied = kubectl_apply(cluster, namespace, full)
+    assert applied.returncode == 0, applied.stderr
+
+    refused = wait_for(
+        lambda: (o := get_ftj(kube, namespace, "faq-full")).get("status", {}).get("phase") == "Failed" and o,
+        60,
+        "the full variant to be refused",
+    )
+    cond = condition(refused, "DataSufficient")
+    assert cond and cond["status"] == "False" and cond["reason"] == "TooFewExamplesForFull"
+    for text in (cond["message"], refused["status"]["message"]):
+        assert str(examples) in text and "lora" in text and "allowSmallDataFullFineTune" in text
+    events = events_for(core, namespace, "faq-full")
+    assert any(e.startswith("TooFewExamplesForFull") and str(examples) in e for e in events), events
+    assert not client.BatchV1Api(kube).list_namespaced_job(namespace).items
+
+    # The documented escape hatch launches it, with a warning that still recommends LoRA.
+    allowed = merged(full, {"metadata": {"name": "faq-full-allowed"}})
+    allowed["spec"]["method"]["allowSmallDataFullFineTune"] = True
+    applied = kubectl_apply(cluster, namespace, allowed)
+    assert applied.returncode == 0, applied.stderr
+    wait_for(
+        lambda: client.BatchV1Api(kube).read_namespaced_job("faq-full-allowed", namespace),
+        60,
+        "the Job of the allowed variant",
+    )
+    warned = wait_for(
+        lambda: condition(get_ftj(kube, namespace, "faq-full-allowed"), "DataSufficient"),
+        30,
+        "DataSufficient on the allowed variant",
+    )
+    assert warned["reason"] == "FewExamplesForFull"
+    assert "allowed by spec.method.allowSmallDataFullFineTune" in warned["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused at apply time
+
+SECRET_REF = {"name": "app-secrets", "key": "value"}
+
+# (id, changes to a valid job, the field the message names, a phrase of the message)
+REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
+    # CEL rules (x-kubernetes-validations), one or more cases each
+    ("qlora-without-quantization", {"method": {"type": "qlora"}}, "spec.method.quantization", "4-bit"),
+    (
+        "quantization-with-lora",
+        {"method": {"type": "lora", "quantization": {"bits": 4}}},
+        "spec.method.quantization",
+        "applies only to method.type qlora, not lora",
+    ),
+    (
+        "deepspeed-with-lora",
+        {"method": {"type": "lora", "deepspeed": {"stage": 2}}},
+        "spec.method.deepspeed",
+        "applies only to method.type full, not lora",
+    ),
+    ("lora-block-with-full", {"method": {"type": "full", "lora": {"r": 8}}}, "spec.method.lora", "full"),
+    (
+        "params-offload-with-stage-2",
+        {"method": {"type": "full", "deepspeed": {"stage": 2, "offload": "optimizer+params"}}},
+        "spec.method.deepspeed.offload",
+        "stage 3",
+    ),
+    (
+        "two-nodes-with-lora",
+        {"resources": {"nodes": 2}},
+        "spec.resources.nodes",
+        "needs spec.method.type full",
+    ),
+    (
+        "audio-with-qlora",
+        {"dataset": {"format": "audio"}, "method": {"type": "qlora", "quantization": {"bits": 4}}},
+        "spec.method.type",
+        "audio",
+    ),
+    ("no-held-out-test-data", {"goal": {"heldOutTest": False}}, "spec.goal.heldOutTest", "goal.testFile"),
+    (
+        "held-out-test-with-empty-split",
+        {"dataset": {"split": {"test": 0, "validation": 0.1}}},
+        "spec.dataset.split.test",
+        "split.test",
+    ),
+    (
+        "split-holds-out-too-much",
+        {"dataset": {"split": {"validation": 0.3, "test": 0.3}}},
+        "spec.dataset.split",
+        "at most 0.5",
+    ),
+    (
+        "criterion-on-unmeasured-metric",
+        {"goal": {"successCriteria": [{"metric": "token_f1", "atLeast": 0.5}]}},
+        "spec.goal.successCriteria",
+        "goal.metrics",
+    ),
+    (
+        "criterion-with-two-rules",
+        {"goal": {"successCriteria": [{"metric": "eval_loss", "maxRegression": 0.0, "atMost": 2.0}]}},
+        "spec.goal.successCriteria[0]",
+        "exactly one of",
+    ),
+    (
+        "token-as-literal-value",
+        {"env": [{"name": "HF_TOKEN", "value": "hf_abc"}]},
+        "spec.env[0].value",
+        "HF_TOKEN looks like a secret",
+    ),
+    (
+        "value-and-secret-ref",
+        {"env": [{"name": "MODE", "value": "a", "secretKeyRef": SECRET_REF}]},
+        "spec.env[0]",
+        "exactly one of value or secretKeyRef",
+    ),
+    (
+        "reserved-variable",
+        {"env": [{"name": "JOB_ID", "value": "forged"}]},
+        "spec.env[0].name",
+        "set by the operator",
+    ),
+    # The schema: required fields, enums, bounds, patterns, unknown fields
+    ("no-checkpoint-store", {"checkpoints": None}, "spec.checkpoints", "Required value"),
+    ("unknown-method", {"method": {"type": "dpo"}}, "spec.method.type", "Unsupported value"),
+    ("unknown-format", {"dataset": {"format": "csv"}}, "spec.dataset.format", "Unsupported value"),
+    ("unknown-metric", {"goal": {"metrics": ["bleu"]}}, "spec.goal.metrics[0]", "Unsupported value"),
+    ("no-metrics", {"goal": {"metrics": []}}, "spec.goal.metrics", "at least 1"),
+    ("model-without-scheme", {"model": {"source": "Qwen/Qwen2.5-0.5B"}}, "spec.model.source", "should match"),
+    (
+        "parameters-in-words",
+        {"model": {"parameters": "half a billion"}},
+        "spec.model.parameters",
+        "should match",
+    ),
+    (
+        "negative-learning-rate",
+        {"hyperparameters": {"learningRate": -1}},
+        "spec.hyperparameters.learningRate",
+        "greater than 0",
+    ),
+    (
+        "too-many-nodes",
+        {"method": {"type": "full"}, "resources": {"nodes": 65}},
+        "spec.resources.nodes",
+        "less than or equal to 64",
+    ),
+    (
+        "grace-too-short-to-checkpoint",
+        {"terminationGracePeriodSeconds": 5},
+        "spec.terminationGracePeriodSeconds",
+        "greater than or equal to 30",
+    ),
+    ("resume-from-gcs", {"resumeFrom": "gs://bucket/x"}, "spec.resumeFrom", "should match"),
+    (
+        "secret-name-not-dns",
+        {"checkpoints": {"store": {"credentialsSecret": "S3_Creds"}}},
+        "spec.checkpoints.store.credentialsSecret",
+        "should match",
+    ),
+    (
+        "misspelt-field",
+        {"hyperparameter": {"epochs": 1}},
+        "spec.hyperparameter",
+        "field not declared in schema",
+    ),
+    (
+        "secret-value-in-store",
+        {"checkpoints": {"store": {"secretAccessKey": "plain"}}},
+        "spec.checkpoints.store.secretAccessKey",
+        "field not declared in schema",
+    ),
+]
+
+
+def test_refusal_table_covers_every_cel_rule() -> None:
+    """A new CEL rule needs a row here (the transition rules are exercised below)."""
+    crd = yaml.safe_load((REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml").read_text())
+    rules: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            rules.extend(r["rule"] for r in node.get("x-kubernetes-validations", []))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(crd["spec"]["versions"][0]["schema"])
+    plain = [r for r in rules if "oldSelf" not in r]
+    assert len(plain) == 15, "a CEL rule was added or removed: cover it in REFUSED"
+    assert len(rules) - len(plain) == 4, "a transition rule was added or removed: cover it below"
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "phrase"), [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED]
+)
+def test_invalid_manifest_is_refused_at_apply_time_naming_the_field(
+    cluster: ClusterInfo, crd: None, namespace: str, changes: dict[str, Any], field: str, phrase: str
+) -> None:
+    result = kubectl_apply(cluster, namespace, minimal_job("bad", **changes), dry_run=True)
+    assert result.returncode != 0, f"accepted: {result.stdout}"
+    assert field in result.stderr, result.stderr
+    assert phrase in result.stderr, result.stderr
+
+
+IMMUTABLE: list[tuple[str, dict[str, Any], str]] = [
+    ("model", {"model": {"source": "hf://Qwen/Qwen2.5-1.5B"}}, "spec.model is immutable"),
+    ("dataset", {"dataset": {"source": "s3://data/other.jsonl"}}, "spec.dataset is immutable"),
+    ("method", {"method": {"type": "qlora", "quantization": {"bits": 4}}}, "spec.method is immutable"),
+    ("user", {"userId": "mallory"}, "spec.userId is recorded once"),
+]
+
+
+def test_fields_fixed_at_creation_are_refused_on_update(
+    cluster: ClusterInfo, crd: None, namespace: str
+) -> None:
+    original = minimal_job("fixed", userId="alice")
+    created = kubectl_apply(cluster, namespace, original)
+    assert created.returncode == 0, created.stderr
+    for field, changes, phrase in IMMUTABLE:
+        changed = merged(original, {"spec": changes})
+        result = kubectl_apply(cluster, namespace, changed, dry_run=True)
+        assert result.returncode != 0, f"changing {field} was accepted"
+        assert phrase in result.stderr, result.stderr
+    # Mutable fields still change.
+    resumed = kubectl_apply(cluster, namespace, merged(original, {"spec": {"suspend": False}}), dry_run=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# An operator killed mid-reconcile
+#
+# Two operators act on the same jobs here: the session's (all namespaces) and one scoped to this
+# test's namespace that is killed with SIGKILL and restarted. That is safe, and the point: children
+# have deterministic names and are written with server-side apply under one field manager, the Job
+# is created only when a read finds none (a racing second create is an apply of the same manifest,
+# so it updates rather than duplicates), and status patches merge. Kopf keeps its handler progress
+# in annotations, so the restarted process reads what its killed predecessor and the other operator
+# wrote, exactly as a restarted replica would. Any step that is not idempotent (a generated name, a
+# create that is not an apply, a delete-and-recreate of the Job) shows up as a second Job or a Job
+# that was deleted.
+
+RESTART_JOBS = 8
+
+
+@dataclass
+class JobWatch:
+    """Every ADDED/DELETED event of batch/v1 Jobs in a namespace, from before the test acts."""
+
+    events: list[tuple[str, str, str]]
+    stopper: watch.Watch
+    thread: threading.Thread
+
+
+@pytest.fixture
+def job_watch(kube: client.ApiClient, namespace: str) -> Iterator[JobWatch]:
+    batch = client.BatchV1Api(kube)
+    version = batch.list_namespaced_job(namespace).metadata.resource_version
+    events: list[tuple[str, str, str]] = []
+    stopper = watch.Watch()
+
+    def run() -> None:
+        for event in stopper.stream(
+            batch.list_namespaced_job, namespace, resource_version=version, timeout_seconds=300
+        ):
+            obj = event["object"]
+            events.append((event["type"], obj.metadata.name, obj.metadata.uid))
+
+    thread = threading.Thread(target=run, name="job-watch", daemon=True)
+    thread.start()
+    yield JobWatch(events, stopper, thread)
+    stopper.stop()
+
+
+def start_scoped_operator(cluster: ClusterInfo, namespace: str, log: Path) -> subprocess.Popen[bytes]:
+    health = free_port()
+    env = {
+        **os.environ,
+        **cluster.env(),
+        "FINETUNE_OPERATOR_NAMESPACES": namespace,
+        "FINETUNE_OPERATOR_ENVIRONMENT": "onprem",
+        "FINETUNE_OPERATOR_GPU_MEMORY_GIB": "80",
+        "FINETUNE_OPERATOR_METRICS_PORT": "0",
+        "FINETUNE_OPERATOR_HEALTH_PORT": str(health),
+        "FINETUNE_OPERATOR_LOG_LEVEL": "DEBUG",  # kopf logs "is invoked" when a handler starts
+    }
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-m", "finetune_operator"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for(
+        lambda: port_open(health),
+        60,
+        "the namespaced operator's health endpoint",
+        describe=lambda: log.read_text(errors="replace")[-2000:],
+    )
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    operator: Any,
+    namespace: str,
+    job_watch: JobWatch,
+    tmp_path: Path,
+) -> None:
+    create_secrets(core, namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
+    first_log, second_log = tmp_path / "first.log", tmp_path / "restarted.log"
+    first = start_scoped_operator(cluster, namespace, first_log)
+    try:
+        names = [f"restart-{i}" for i in range(RESTART_JOBS)]
+        for name in names:
+            custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minimal_job(name))
+        wait_for(
+            lambda: "Handler 'reconcile' is invoked" in first_log.read_text(errors="replace"),
+            60,
+            "the namespaced operator to start reconciling",
+            interval=0.02,
+        )
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        stop(first)
+    killed_log = first_log.read_text(errors="replace")
+    mid_work = killed_log.count("is invoked") - killed_log.count("Handler 'reconcile' succeeded")
+
+    second = start_scoped_operator(cluster, namespace, second_log)
+    try:
+        # On start-up the restarted operator resumes every job whose children already exist.
+        wait_for(
+            lambda: all(
+                f"[{namespace}/{name}] Handler 'reconcile' succeeded"
+                in second_log.read_text(errors="replace")
+                for name in names
+            ),
+            120,
+            "the restarted operator to reconcile every job",
+            describe=lambda: second_log.read_text(errors="replace")[-3000:],
+        )
+        jobs = client.BatchV1Api(kube).list_namespaced_job(namespace).items
+        ftjs = {name: get_ftj(kube, namespace, name) for name in names}
+    finally:
+        stop(second)
+
+    context = f"killed with {mid_work} reconcile(s) in flight"
+    owners = sorted(j.metadata.owner_references[0].uid for j in jobs)
+    assert owners == sorted(o["metadata"]["uid"] for o in ftjs.values()), context
+    assert sorted(j.metadata.name for j in jobs) == sorted(names), context
+    # No Job was ever deleted and created again: that would restart training from scratch.
+    job_watch.stopper.stop()
+    adds = [(name, uid) for kind, name, uid in job_watch.events if kind == "ADDED"]
+    assert sorted(adds) == sorted((j.metadata.name, j.metadata.uid) for j in jobs), context
+    assert not [e for e in job_watch.events if e[0] == "DELETED"], context
+    configs = [c.metadata.name for c in core.list_namespaced_config_map(namespace).items]
+    for name in names:
+        assert configs.count(f"{name}-config") == configs.count(f"{name}-progress") == 1
+
+    for name, obj in ftjs.items():
+        status = obj["status"]
+        assert status["phase"] == "Suspended", f"{name}: {status}"
+        assert status["observedGeneration"] == obj["metadata"]["generation"]
+        assert status["method"]["type"] == "lora"
+        for type_ in ("SpecValid", "SecretsReady"):
+            cond = condition(obj, type_)
+            assert cond and cond["status"] == "True", f"{name} {type_}: {cond}"
+    assert "Traceback" not in second_log.read_text(errors="replace")
