@@ -228,9 +228,9 @@ def plot(info: ClusterInfo, namespace: str, name: str, started: float, out: Path
     if not any(series.values()):
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
+    t0 = min(points[0][0] for points in series.values() if points)
     for label, points in series.items():
         if points:
-            t0 = points[0][0]
             ax.plot([t - t0 for t, _ in points], [v for _, v in points], label=label)
     ax.set_xlabel("seconds")
     ax.set_ylabel("loss")
@@ -262,9 +262,7 @@ def _metric_lines(baseline: dict[str, float], final: dict[str, float]) -> list[s
 def _verified_in_s3(info: ClusterInfo, namespace: str, name: str) -> list[str]:
     prefix = f"checkpoints/{namespace}/{name}/"
     listing = s3_client(info).list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-    return sorted(
-        {o["Key"].rsplit("/", 2)[0].rsplit("/", 1)[-1] for o in listing if o["Key"].endswith("/VERIFIED")}
-    )
+    return sorted({o["Key"].rsplit("/", 2)[-2] for o in listing if o["Key"].endswith("/VERIFIED")})
 
 
 def summary(info: ClusterInfo, obj: dict[str, Any], started: float) -> bool:
