@@ -10,6 +10,7 @@ killed mid-reconcile.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -26,6 +27,7 @@ import pytest
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
+from urllib3.exceptions import ProtocolError
 
 from localcluster import ClusterInfo
 from localcluster.processes import free_port, port_open
@@ -347,12 +349,11 @@ def test_small_data_example_refuses_full_and_names_the_alternative(
         "the Job of the allowed variant",
     )
     warned = wait_for(
-        lambda: condition(get_ftj(kube, namespace, "faq-full-allowed"), "DataSufficient"),
+        lambda: [e for e in events_for(core, namespace, "faq-full-allowed") if "FewExamplesForFull" in e],
         30,
-        "DataSufficient on the allowed variant",
+        "a FewExamplesForFull warning on the allowed variant",
     )
-    assert warned["reason"] == "FewExamplesForFull"
-    assert "allowed by spec.method.allowSmallDataFullFineTune" in warned["message"]
+    assert "allowed by spec.method.allowSmallDataFullFineTune" in warned[0] and "lora" in warned[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +551,7 @@ def test_fields_fixed_at_creation_are_refused_on_update(
 # ---------------------------------------------------------------------------------------------
 # An operator killed mid-reconcile
 #
-# Two operators act on the same jobs here: the session's (all namespaces) and one scoped to this
+# Two operators act on the same jobs here: the `operator` fixture's (all namespaces) and one scoped to this
 # test's namespace that is killed with SIGKILL and restarted. That is safe, and the point: children
 # have deterministic names and are written with server-side apply under one field manager, the Job
 # is created only when a read finds none (a racing second create is an apply of the same manifest,
@@ -580,11 +581,14 @@ def job_watch(kube: client.ApiClient, namespace: str) -> Iterator[JobWatch]:
     stopper = watch.Watch()
 
     def run() -> None:
-        for event in stopper.stream(
-            batch.list_namespaced_job, namespace, resource_version=version, timeout_seconds=300
-        ):
-            obj = event["object"]
-            events.append((event["type"], obj.metadata.name, obj.metadata.uid))
+        # Stopping the watch cuts the stream mid-response: that error is the expected end.
+        with contextlib.suppress(ProtocolError):
+            for event in stopper.stream(
+                batch.list_namespaced_job, namespace, resource_version=version, timeout_seconds=300
+            ):
+                if isinstance(event, dict) and event.get("object") is not None:
+                    obj = event["object"]
+                    events.append((event["type"], obj.metadata.name, obj.metadata.uid))
 
     thread = threading.Thread(target=run, name="job-watch", daemon=True)
     thread.start()
@@ -647,7 +651,7 @@ def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
         for name in names:
             custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minimal_job(name))
         wait_for(
-            lambda: "Handler 'reconcile' is invoked" in first_log.read_text(errors="replace"),
+            lambda: first_log.read_text(errors="replace").count("Handler 'reconcile' is invoked") >= 3,
             60,
             "the namespaced operator to start reconciling",
             interval=0.02,
@@ -657,16 +661,16 @@ def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
     finally:
         stop(first)
     killed_log = first_log.read_text(errors="replace")
-    mid_work = killed_log.count("is invoked") - killed_log.count("Handler 'reconcile' succeeded")
+    mid_work = killed_log.count("Handler 'reconcile' is invoked") - killed_log.count(
+        "Handler 'reconcile' succeeded"
+    )
 
     second = start_scoped_operator(cluster, namespace, second_log)
     try:
-        # On start-up the restarted operator resumes every job whose children already exist.
+        # On start-up the restarted operator resumes every job (most already have their children).
         wait_for(
-            lambda: all(
-                f"[{namespace}/{name}] Handler 'reconcile' succeeded"
-                in second_log.read_text(errors="replace")
-                for name in names
+            lambda: (
+                second_log.read_text(errors="replace").count("Handler 'reconcile' succeeded") >= RESTART_JOBS
             ),
             120,
             "the restarted operator to reconcile every job",

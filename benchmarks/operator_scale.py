@@ -1,0 +1,250 @@
+"""Operator at scale: N FineTuneJobs created at once on a local control plane, timed until every
+batch/v1 Job exists, against creating the same N Jobs directly with the Kubernetes client (the
+floor: what the API server and the client cost without the operator). Starts its own local
+cluster (no Prometheus, no S3) and `python -m finetune_operator`; jobs are suspended, so no pod runs.
+
+    python benchmarks/operator_scale.py [--jobs 200] [--workers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kubernetes import client, config, watch
+from machine import describe
+from urllib3.exceptions import ProtocolError
+
+from finetune_operator import api, builders
+from finetune_operator.settings import OperatorSettings
+from localcluster import ClusterInfo, ClusterOptions, LocalCluster
+from localcluster.processes import free_port, port_open
+from localcluster.testing import wait_for
+from localcluster.tools import REPO_ROOT, tool
+
+CRD_FILE = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
+SETTINGS_ENV = {"FINETUNE_OPERATOR_ENVIRONMENT": "onprem", "FINETUNE_OPERATOR_GPU_MEMORY_GIB": "80"}
+
+
+def job_spec() -> dict[str, Any]:
+    return {
+        "goal": {
+            "task": "answer support tickets",
+            "metrics": ["exact_match"],
+            "successCriteria": [{"metric": "eval_loss", "maxRegression": 0.0}],
+        },
+        "model": {"source": "hf://Qwen/Qwen2.5-0.5B", "parameters": "0.5B"},
+        "dataset": {"source": "s3://data/tickets.jsonl", "format": "alpaca"},
+        "method": {"type": "lora"},
+        "checkpoints": {"store": {"bucket": "ckpt", "credentialsSecret": "s3-creds"}},
+        "suspend": True,
+    }
+
+
+def memory_line() -> str:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return f"memory: {int(line.split()[1]) / 1024**2:.1f} GiB"
+    return "memory: unknown"
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the kernel's record of the process's largest resident set so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class JobArrivals:
+    """When each batch/v1 Job of a namespace first appeared, from a watch started beforehand."""
+
+    def __init__(self, kube: client.ApiClient, namespace: str) -> None:
+        batch = client.BatchV1Api(kube)
+        version = batch.list_namespaced_job(namespace).metadata.resource_version
+        self.seen: dict[str, float] = {}
+        self._watch = watch.Watch()
+
+        def run() -> None:
+            with contextlib.suppress(ProtocolError):  # the end of a stopped stream
+                for event in self._watch.stream(
+                    batch.list_namespaced_job, namespace, resource_version=version, timeout_seconds=3600
+                ):
+                    if isinstance(event, dict) and event.get("object") is not None:
+                        self.seen.setdefault(event["object"].metadata.name, time.monotonic())
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def wait_all(self, names: list[str], timeout: float) -> None:
+        wait_for(
+            lambda: all(n in self.seen for n in names),
+            timeout,
+            f"{len(names)} Jobs",
+            interval=0.05,
+            describe=lambda: f"{len(self.seen)} of {len(names)}",
+        )
+        self._watch.stop()
+
+
+@dataclass(frozen=True)
+class Timing:
+    total: float
+    latencies: list[float]
+
+    def describe(self) -> str:
+        ordered = sorted(self.latencies)
+        p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+        return f"total {self.total:.2f} s, per job p50 {statistics.median(ordered):.2f} s, p99 {p99:.2f} s"
+
+
+def timed_creation(
+    kube: client.ApiClient, namespace: str, names: list[str], create: Callable[[str], None], workers: int
+) -> Timing:
+    """Submits every create at once (a pool of `workers` clients) and waits for every Job."""
+    arrivals = JobArrivals(kube, namespace)
+    submitted: dict[str, float] = {}
+    start = time.monotonic()
+
+    def submit(name: str) -> None:
+        submitted[name] = time.monotonic()
+        create(name)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(submit, names))
+    arrivals.wait_all(names, timeout=1800)
+    return Timing(
+        total=max(arrivals.seen[n] for n in names) - start,
+        latencies=[arrivals.seen[n] - submitted[n] for n in names],
+    )
+
+
+def install_crd(info: ClusterInfo, kube: client.ApiClient) -> None:
+    subprocess.run(
+        [
+            str(tool("kubectl")),
+            "--kubeconfig",
+            info.kubeconfig,
+            "apply",
+            "--server-side",
+            "-f",
+            str(CRD_FILE),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ext = client.ApiextensionsV1Api(kube)
+
+    def established() -> bool:
+        conditions = ext.read_custom_resource_definition("finetunejobs.finetune.dev").status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+    wait_for(established, 30, "the CRD to be Established")
+
+
+@contextlib.contextmanager
+def running_operator(info: ClusterInfo, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    health = free_port()
+    env = {
+        **os.environ,
+        **info.env(),
+        **SETTINGS_ENV,
+        "FINETUNE_OPERATOR_METRICS_PORT": "0",
+        "FINETUNE_OPERATOR_HEALTH_PORT": str(health),
+    }
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: port_open(health), 60, "the operator's health endpoint")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def namespace_with_secret(core: client.CoreV1Api, name: str) -> None:
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, f"default SA in {name}")
+    secret = {"accessKeyId": "bench", "secretAccessKey": "bench-not-a-secret"}
+    core.create_namespaced_secret(name, {"metadata": {"name": "s3-creds"}, "stringData": secret})
+
+
+def direct_job(namespace: str, name: str) -> dict[str, Any]:
+    """The Job the operator would create for `job_spec()`, less the owner reference (the garbage
+    collector would delete a Job whose owner does not exist)."""
+    settings = OperatorSettings(environment=api.Environment.ONPREM, gpu_memory_gib=80)
+    ref = builders.JobRef(name=name, namespace=namespace, uid=f"direct-{name}")
+    manifest = builders.build_training_job(
+        ref, api.parse_spec(job_spec()), settings, is_cloud=False, config_hash="direct"
+    )
+    del manifest["metadata"]["ownerReferences"]
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=200, help="FineTuneJobs (and direct Jobs) to create")
+    parser.add_argument("--workers", type=int, default=8, help="concurrent clients submitting them")
+    args = parser.parse_args()
+    names = [f"bench-{i:04d}" for i in range(args.jobs)]
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        options = ClusterOptions(run_dir=Path(tmp) / "cluster", with_prometheus=False, with_s3=False)
+        with LocalCluster(options) as info:
+            kube = config.new_client_from_config(info.kubeconfig)
+            core = client.CoreV1Api(kube)
+            install_crd(info, kube)
+            namespace_with_secret(core, "bench-operator")
+            namespace_with_secret(core, "bench-direct")
+            custom = client.CustomObjectsApi(kube)
+
+            def create_ftj(name: str) -> None:
+                body = {
+                    "apiVersion": api.API_VERSION,
+                    "kind": api.KIND,
+                    "metadata": {"name": name},
+                    "spec": job_spec(),
+                }
+                custom.create_namespaced_custom_object(
+                    api.GROUP, api.VERSION, "bench-operator", api.PLURAL, body
+                )
+
+            with running_operator(info, Path(tmp) / "operator.log") as operator:
+                ours = timed_creation(kube, "bench-operator", names, create_ftj, args.workers)
+                rss = peak_rss_mib(operator.pid)
+
+            batch = client.BatchV1Api(kube)
+            floor = timed_creation(
+                kube,
+                "bench-direct",
+                names,
+                lambda name: batch.create_namespaced_job("bench-direct", direct_job("bench-direct", name)),
+                args.workers,
+            )
+    print(describe())
+    print(memory_line())
+    print(f"jobs={args.jobs}, submitted by {args.workers} concurrent clients, suspended (no pods)")
+    print(f"operator: {ours.describe()}, operator peak RSS {rss:.0f} MiB")
+    print(f"direct:   {floor.describe()}")
+    print(f"ratio={ours.total / floor.total:.2f} (operator vs direct Job creation, {args.jobs} jobs)")
+
+
+if __name__ == "__main__":
+    main()
