@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,36 +102,61 @@ def reconcile(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> No
 
 def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, Any]) -> None:
     namespace, name, generation = meta["namespace"], meta["name"], int(meta.get("generation", 1))
-    conditions = list((body.get("status") or {}).get("conditions") or [])
-    now = st.utcnow()
     try:
         spec = api.parse_spec(raw_spec)
     except ValidationError as exc:
-        _refuse_spec(body, namespace, name, generation, conditions, exc)
+        _refuse_spec(body, namespace, name, generation, exc)
         return
-    conditions = st.set_condition(
-        conditions, st.condition("SpecValid", True, "Valid", "spec is valid", generation=generation, now=now)
-    )
     preflight = _preflight(spec, namespace)
-    conditions = st.merge_findings(conditions, preflight.findings, generation=generation, now=now)
     for finding in preflight.warnings:
         _event(body, "Warning", reason=finding.reason, message=finding.message)
     if preflight.refused:
-        _refuse_preflight(body, namespace, name, generation, conditions, preflight)
+        _refuse_preflight(body, namespace, name, generation, preflight)
         return
     existing = _kube().read_job(namespace, builders.child_names(name).job)
     if existing is None:
         _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
     _apply_children(meta, spec, preflight, existing)
-    patch = st.status_patch(
-        generation=generation,
-        conditions=conditions,
-        decision=preflight.decision,
-        phase=Phase.SUSPENDED if spec.suspend else None,
-    )
-    if "phase" not in patch and not (body.get("status") or {}).get("phase"):
-        patch["phase"] = Phase.PENDING.value
-    _kube().patch_status(namespace, name, patch)
+
+    def build(fresh: dict[str, Any]) -> dict[str, Any]:
+        old = fresh.get("status") or {}
+        patch = st.status_patch(
+            generation=generation,
+            conditions=_preflight_conditions(old, preflight, generation),
+            decision=preflight.decision,
+            phase=Phase.SUSPENDED if spec.suspend else None,
+        )
+        if "phase" not in patch and not old.get("phase"):
+            patch["phase"] = Phase.PENDING.value
+        return patch
+
+    _update_status(namespace, name, build)
+
+
+def _preflight_conditions(
+    old: Mapping[str, Any], preflight: policy.Preflight, generation: int
+) -> list[dict[str, Any]]:
+    now = st.utcnow()
+    valid = st.condition("SpecValid", True, "Valid", "spec is valid", generation=generation, now=now)
+    conditions = st.set_condition(list(old.get("conditions") or []), valid)
+    return st.merge_findings(conditions, preflight.findings, generation=generation, now=now)
+
+
+def _update_status(
+    namespace: str, name: str, build: Callable[[dict[str, Any]], dict[str, Any] | None]
+) -> None:
+    """Builds a status patch from a fresh read and writes it only if nothing changed in between:
+    the operator's handlers run concurrently, and a merge patch replaces whole lists (conditions)."""
+    for _ in range(5):
+        body = _kube().read_job_resource(namespace, name)
+        if body is None:
+            return
+        patch = build(body)
+        if not patch:
+            return
+        if _kube().patch_status(namespace, name, patch, body["metadata"]["resourceVersion"]):
+            return
+    raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=2)
 
 
 def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> policy.Preflight:
@@ -178,25 +203,20 @@ def _apply_job(manifest: dict[str, Any], existing: Mapping[str, Any] | None, sus
 
 
 def _refuse_spec(
-    body: dict[str, Any],
-    namespace: str,
-    name: str,
-    generation: int,
-    conditions: list[dict[str, Any]],
-    exc: ValidationError,
+    body: dict[str, Any], namespace: str, name: str, generation: int, exc: ValidationError
 ) -> None:
     message = "; ".join(_validation_messages(exc))
     _event(body, "Warning", reason="InvalidSpec", message=message)
-    condition = st.condition(
-        "SpecValid", False, "InvalidSpec", message, generation=generation, now=st.utcnow()
-    )
-    patch = st.status_patch(
-        generation=generation,
-        phase=Phase.FAILED,
-        conditions=st.set_condition(conditions, condition),
-        message=message,
-    )
-    _kube().patch_status(namespace, name, patch)
+
+    def build(fresh: dict[str, Any]) -> dict[str, Any]:
+        now = st.utcnow()
+        condition = st.condition("SpecValid", False, "InvalidSpec", message, generation=generation, now=now)
+        conditions = st.set_condition(list((fresh.get("status") or {}).get("conditions") or []), condition)
+        return st.status_patch(
+            generation=generation, phase=Phase.FAILED, conditions=conditions, message=message
+        )
+
+    _update_status(namespace, name, build)
 
 
 def _validation_messages(exc: ValidationError) -> list[str]:
@@ -208,26 +228,24 @@ def _validation_messages(exc: ValidationError) -> list[str]:
 
 
 def _refuse_preflight(
-    body: dict[str, Any],
-    namespace: str,
-    name: str,
-    generation: int,
-    conditions: list[dict[str, Any]],
-    preflight: policy.Preflight,
+    body: dict[str, Any], namespace: str, name: str, generation: int, preflight: policy.Preflight
 ) -> None:
     for finding in preflight.refused:
         _event(body, "Warning", reason=finding.reason, message=finding.message)
     secrets_missing = any(f.condition == "SecretsReady" for f in preflight.refused)
     message = "; ".join(f.message for f in preflight.refused)
-    # Missing secrets may still be created: wait for them. Anything else needs a spec change.
-    patch = st.status_patch(
-        generation=generation,
-        phase=Phase.PENDING if secrets_missing else Phase.FAILED,
-        conditions=conditions,
-        decision=preflight.decision,
-        message=message,
-    )
-    _kube().patch_status(namespace, name, patch)
+
+    def build(fresh: dict[str, Any]) -> dict[str, Any]:
+        # Missing secrets may still be created: wait for them. Anything else needs a spec change.
+        return st.status_patch(
+            generation=generation,
+            phase=Phase.PENDING if secrets_missing else Phase.FAILED,
+            conditions=_preflight_conditions(fresh.get("status") or {}, preflight, generation),
+            decision=preflight.decision,
+            message=message,
+        )
+
+    _update_status(namespace, name, build)
     if secrets_missing:
         raise kopf.TemporaryError(message, delay=5)
 
@@ -280,23 +298,27 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
 
 def sync_status(namespace: str, name: str) -> None:
     """Recomputes the job's status from its Job, pods and progress report, and patches it."""
-    body = _kube().read_job_resource(namespace, name)
-    if body is None or "spec" not in body:
-        return
     names = builders.child_names(name)
     job = _kube().read_job(namespace, names.job)
     if job is None:
         return  # not launched yet (or refused): `reconcile` owns the status until then
     progress = _kube().config_map_data(namespace, names.progress) or {}
     report = st.parse_report(progress.get("progress.json"))
-    pods = _kube().pods_of(namespace, body["metadata"]["uid"], builders.JOB_UID_LABEL)
-    old = body.get("status") or {}
-    patch = _status_from_children(body, job, report, pods)
-    _rotate_secrets(body, job, patch)
-    _announce(body, old, patch, report, pods)
-    if _changed(old, patch):
-        _kube().patch_status(namespace, name, patch)
-    _record_metrics(body, patch)
+
+    def build(body: dict[str, Any]) -> dict[str, Any] | None:
+        if "spec" not in body:
+            return None
+        pods = _kube().pods_of(namespace, body["metadata"]["uid"], builders.JOB_UID_LABEL)
+        old = body.get("status") or {}
+        patch = _status_from_children(body, job, report, pods)
+        _rotate_secrets(body, job, patch)
+        _record_metrics(body, patch)
+        if not _changed(old, patch):
+            return None
+        _announce(body, old, patch, report, pods)
+        return patch
+
+    _update_status(namespace, name, build)
 
 
 def _rotate_secrets(body: Mapping[str, Any], job: Mapping[str, Any], patch: dict[str, Any]) -> None:
@@ -470,7 +492,7 @@ def _restart_message(pods: list[dict[str, Any]]) -> str:
 
 
 def _changed(old: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
-    return any(old.get(k) != v for k, v in patch.items())
+    return any(old.get(k) != v and not (old.get(k) is None and v in ([], {})) for k, v in patch.items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,7 +166,20 @@ class Kube:
             },
         )
 
-    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": dict(patch)}
-        )
+    def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], resource_version: str | None = None
+    ) -> bool:
+        """Merge-patches the status. With `resource_version`, only if nobody wrote in between:
+        returns False on such a conflict (the caller re-reads and retries)."""
+        body: dict[str, Any] = {"status": dict(patch)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            client.CustomObjectsApi(self.api_client).patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, body
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
