@@ -26,6 +26,7 @@ CRD_FILE = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
 class RunningOperator:
     log: Path
     metrics_url: str
+    health_url: str
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -84,7 +85,11 @@ def operator(cluster: ClusterInfo, crd: None) -> Iterator[RunningOperator]:
             describe=lambda: log.read_text()[-2000:],
         )
         add_scrape_target(Path(cluster.run_dir), "host", f"127.0.0.1:{metrics_port}", {})
-        yield RunningOperator(log=log, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+        yield RunningOperator(
+            log=log,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            health_url=f"http://127.0.0.1:{health_port}/healthz",
+        )
     finally:
         process.terminate()
         try:

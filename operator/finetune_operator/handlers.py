@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -73,7 +74,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     if operator_settings.metrics_port:
         metrics.serve(operator_settings.metrics_port)
     stop = threading.Event()
-    _state["stop"] = stop
+    _state["stop"], _state["started"] = stop, time.monotonic()
     # copy_context: events posted from the loop reach kopf's event queue like a handler's would.
     refresher = contextvars.copy_context()
     threading.Thread(target=refresher.run, args=(refresh_forever, stop), name="refresh", daemon=True).start()
@@ -292,6 +293,7 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
                 for item in _kube().list_job_resources(_settings().namespaces):
                     sync_status(item["metadata"]["namespace"], item["metadata"]["name"])
                 _update_fleet_gauge()
+            _state["last_refresh"] = time.monotonic()
         except Exception:
             log.exception("periodic refresh failed; retrying in %.0fs", interval)
 
@@ -538,6 +540,19 @@ def _update_fleet_gauge() -> None:
     metrics.JOBS.clear()
     for (namespace, phase), count in counts.items():
         metrics.JOBS.labels(namespace, phase).set(count)
+
+
+# The liveness probe fails (HTTP 500 on /healthz) when the API server has not answered the
+# periodic refresh for this long: a restarted operator gets fresh connections and watches.
+STALE_AFTER_SECONDS = 300.0
+
+
+@kopf.on.probe(id="refreshAgeSeconds")
+def refresh_age(**_: Any) -> float:
+    age = time.monotonic() - float(_state.get("last_refresh", _state.get("started", time.monotonic())))
+    if age > STALE_AFTER_SECONDS:
+        raise kopf.PermanentError(f"no successful refresh for {age:.0f}s: the API server is unreachable")
+    return round(age, 1)
 
 
 @kopf.on.cleanup()

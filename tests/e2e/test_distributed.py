@@ -40,6 +40,11 @@ def run_to_the_end(name: str, job_status: Status, pod_logs: Callable[[], str]) -
     return status
 
 
+def all_exited(core: client.CoreV1Api, namespace: str) -> list[Any] | None:
+    pods = sorted(core.list_namespaced_pod(namespace).items, key=lambda p: p.metadata.name)
+    return pods if pods and all(p.status.phase in ("Succeeded", "Failed") for p in pods) else None
+
+
 def test_zero2_full_fine_tune_across_two_pods(
     launch: Any,
     job_status: Status,
@@ -57,7 +62,10 @@ def test_zero2_full_fine_tune_across_two_pods(
     status = run_to_the_end("ds-two", job_status, pod_logs)
     assert status["method"]["type"] == "full"
 
-    pods = sorted(core.list_namespaced_pod(namespace).items, key=lambda p: p.metadata.name)
+    # A pod's phase can trail the Job's completion by a moment.
+    pods = wait_for(
+        lambda: all_exited(core, namespace), 60, "both trainer pods to exit", interval=1, describe=pod_logs
+    )
     assert [p.status.phase for p in pods] == ["Succeeded", "Succeeded"], [p.metadata.name for p in pods]
     logs = [pod_log(cluster.run_dir, namespace, p.metadata.name) for p in pods]
     joined = sorted(m.groups() for text in logs for m in JOINED.finditer(text))

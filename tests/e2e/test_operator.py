@@ -207,3 +207,15 @@ def test_no_secret_value_in_status_events_or_operator_log(
     assert CANARY not in " ".join(f"{e.reason} {e.message}" for e in events)
     assert CANARY not in json.dumps([c.data for c in config])
     assert CANARY not in operator.log_text()
+
+
+def test_liveness_endpoint_reports_the_refresh_age(operator: Any) -> None:
+    import urllib.request
+
+    def healthy() -> dict[str, Any]:
+        with urllib.request.urlopen(operator.health_url, timeout=5) as response:
+            assert response.status == 200
+            return dict(json.load(response))
+
+    report = wait_for(healthy, 60, "the liveness endpoint to answer")
+    assert 0 <= report["refreshAgeSeconds"] < 300

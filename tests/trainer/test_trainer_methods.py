@@ -32,6 +32,14 @@ def test_zero3_with_parameter_offload() -> None:
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+def test_zero_config_without_a_gpu_needs_no_compiled_deepspeed_op() -> None:
+    hp = Hyperparameters()
+    config = zero_config(DeepSpeed(enabled=True, stage=2, offload="optimizer"), hp, False, cuda=False)
+    assert "optimizer" not in config  # the Trainer's torch AdamW, not DeepSpeed's compiled Adam
+    assert "offload_optimizer" not in config["zero_optimization"]
+    assert "optimizer" not in zero_config(DeepSpeed(enabled=True, stage=2), hp, True, cuda=True)
+
+
 def _step(model: torch.nn.Module) -> tuple[float, float]:
     ids = torch.randint(10, 200, (2, 16))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

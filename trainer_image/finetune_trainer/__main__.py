@@ -59,6 +59,7 @@ def run_config(config: TrainerConfig) -> ExitCode:
                 for name in missing
             ]
         )
+    from finetune_trainer import distributed
     from finetune_trainer.data.errors import DataError
     from finetune_trainer.methods.loading import MethodError
     from finetune_trainer.report_model import Phase
@@ -66,13 +67,17 @@ def run_config(config: TrainerConfig) -> ExitCode:
     from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
     from finetune_trainer.train import run
 
+    try:
+        rendezvous = distributed.rendezvous_from_env(os.environ, distributed.cuda_devices())
+    except ConfigError as exc:
+        return _invalid(exc.messages)
     metrics = TrainerMetrics(config.job.namespace, config.job.name)
-    reporter = ProgressReporter(config)
-    flags = runtime.log_startup(config)
+    reporter = ProgressReporter(config, writes=rendezvous.is_main)  # one writer per job
+    flags = runtime.log_startup(config, rendezvous=rendezvous)
     metrics.set_runtime(flags | runtime.library_versions())
     metrics.serve(config.metrics_port)  # on $POD_IP when set
     try:
-        return run(config, metrics, reporter)
+        return run(config, metrics, reporter, rendezvous)
     except (ConfigError, MethodError) as exc:
         code, messages = ExitCode.INVALID_CONFIG, getattr(exc, "messages", [str(exc)])
     except DataError as exc:

@@ -42,13 +42,15 @@ def save_final(
     folder: Path,
     sidecars: Path,
     metrics: Mapping[str, Mapping[str, float]],
+    state_dict: Mapping[str, Any] | None = None,
 ) -> Path:
     """Adapter (lora, qlora) or full weights in safetensors, the tokenizer with its chat template,
-    and the sidecar files."""
+    and the sidecar files. `state_dict` replaces the model's own weights (gathered ZeRO-3 shards)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    weights = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(folder, safe_serialization=True, **weights)
     tokenizer.save_pretrained(folder)
     for sidecar in sidecars.glob("*.j*"):
         shutil.copy2(sidecar, folder / sidecar.name)

@@ -153,7 +153,7 @@ class PromptsCallback(TrainerCallback):
         model: Any = None,
         **kw: Any,
     ) -> None:
-        if model is None or not self.config.validation.every_epoch:
+        if model is None or not self.config.validation.every_epoch or not state.is_world_process_zero:
             return
         predictions = diagnose_model(
             self.config, model, self.tokenizer, self.out_dir / "prompts", f"epoch-{round(state.epoch or 0)}"
@@ -240,7 +240,21 @@ class PreemptionCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        if self._signalled:
+        if signalled_on_any_rank(self._signalled):
             self.run.preempted = True
             control.should_save = True
             control.should_training_stop = True
+
+
+def signalled_on_any_rank(signalled: bool) -> bool:
+    """SIGTERM reaches a job's pods at different steps, but saving a ZeRO checkpoint is collective:
+    every rank stops at the first step after which any rank was signalled."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return signalled
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(signalled)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -113,11 +113,12 @@ class ProgressReporter:
     (problems that did not stop training, such as a skipped checkpoint) stay in every later message.
     """
 
-    def __init__(self, config: TrainerConfig, min_interval_s: float = 10.0) -> None:
+    def __init__(self, config: TrainerConfig, min_interval_s: float = 10.0, writes: bool = True) -> None:
+        """`writes=False` keeps the report in memory: ranks other than 0 of a multi-pod job."""
         self.report = TrainerReport()
-        self._config_map = config.report.config_map
+        self._config_map = config.report.config_map if writes else ""
         self._namespace = config.report.namespace or config.job.namespace
-        self._file = Path(config.report.file) if config.report.file else None
+        self._file = Path(config.report.file) if config.report.file and writes else None
         self._min_interval = min_interval_s
         self._last_write = 0.0
         self._last_phase = self.report.phase

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.distributed import SINGLE, Rendezvous
 from finetune_trainer.redact import secret_names
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,17 @@ def environment_info() -> dict[str, Any]:
     return {"versions": library_versions(), **device_info()}
 
 
-def runtime_flags(config: TrainerConfig, env: Mapping[str, str]) -> dict[str, str]:
+def runtime_flags(
+    config: TrainerConfig, env: Mapping[str, str], rendezvous: Rendezvous = SINGLE
+) -> dict[str, str]:
     """Bounded, non-secret values; also the labels of the runtime info metric."""
     return {
         "is_cloud": env.get("IS_CLOUD", str(config.environment.is_cloud).lower()),
         "user_id": env.get("USER_ID", ""),
         "job_id": env.get("JOB_ID", config.job.uid),
         "method": config.method.type,
-        "world_size": env.get("WORLD_SIZE", "1"),
+        "world_size": str(rendezvous.world_size),
+        "rank": str(rendezvous.rank),
         "seed": str(config.hyperparameters.seed),
     }
 
@@ -64,10 +68,12 @@ def missing_env(config: TrainerConfig, env: Mapping[str, str]) -> list[str]:
     return [name for name in (*ALWAYS_REQUIRED_ENV, *config.required_env) if not env.get(name)]
 
 
-def log_startup(config: TrainerConfig, env: Mapping[str, str] | None = None) -> dict[str, str]:
+def log_startup(
+    config: TrainerConfig, env: Mapping[str, str] | None = None, rendezvous: Rendezvous = SINGLE
+) -> dict[str, str]:
     """One structured start-up line; returns the flags."""
     env = os.environ if env is None else env
-    flags = runtime_flags(config, env)
+    flags = runtime_flags(config, env, rendezvous)
     line = {
         "event": "startup",
         "job": f"{config.job.namespace}/{config.job.name}",

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import artifacts, evaluation, speech
+from finetune_trainer import artifacts, distributed, evaluation, speech
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EvalMetricsCallback,
@@ -28,6 +27,7 @@ from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.pipeline import CleanData, PreparedData, clean_and_split, tokenize_splits
 from finetune_trainer.data.report import DataReport
 from finetune_trainer.data.tokenization import ensure_template
+from finetune_trainer.distributed import Rendezvous
 from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.methods.deepspeed import deepspeed_available, zero_config
 from finetune_trainer.methods.loading import (
@@ -39,7 +39,7 @@ from finetune_trainer.methods.loading import (
 from finetune_trainer.report_model import MethodInfo, Phase
 from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 from finetune_trainer.runtime import environment_info, set_seeds
-from finetune_trainer.sink import CheckpointSink, LocalSink, build_sink
+from finetune_trainer.sink import CheckpointRestoreError, CheckpointSink, LocalSink, build_sink
 
 log = logging.getLogger(__name__)
 FULL_MIN_EXAMPLES = 1_000
@@ -111,21 +111,40 @@ def eval_schedule(config: TrainerConfig, steps_per_epoch: int, examples: int) ->
     return {"eval_strategy": "epoch"}
 
 
-def training_arguments(config: TrainerConfig, paths: Paths, work: Workload) -> Any:
+def use_bf16(config: TrainerConfig) -> bool:
     import torch
-    from transformers import TrainingArguments
 
-    hp = config.hyperparameters
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, len(work.train) // (hp.batch_size * hp.gradient_accumulation * world))
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and config.method.type != "qlora"
-    schedule = eval_schedule(config, steps_per_epoch, work.examples) if work.validation else {}
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(cuda_bf16) and config.method.type != "qlora"
+
+
+def deepspeed_arguments(config: TrainerConfig) -> dict[str, Any]:
+    """TrainingArguments for DeepSpeed; the process group is already joined (`distributed.join`)."""
+    import torch
+
     ds = config.method.deepspeed
-    if ds.enabled and not deepspeed_available():
+    if not ds.enabled:
+        return {}
+    if not deepspeed_available():
         raise MethodError(
             "method.deepspeed.enabled: true, but deepspeed is not installed in this image "
             "(fix: use the trainer image with deepspeed, or set method.deepspeed.enabled: false)"
         )
+    cuda = torch.cuda.is_available()
+    if not cuda and ds.offload != "none":
+        log.info("method.deepspeed.offload %r ignored: without a GPU everything is in CPU memory", ds.offload)
+    return {
+        "deepspeed": zero_config(ds, config.hyperparameters, use_bf16(config), cuda),
+        "accelerator_config": {"use_configured_state": True},
+    }
+
+
+def training_arguments(config: TrainerConfig, paths: Paths, work: Workload, world: int = 1) -> Any:
+    from transformers import TrainingArguments
+
+    hp = config.hyperparameters
+    steps_per_epoch = max(1, len(work.train) // (hp.batch_size * hp.gradient_accumulation * world))
+    schedule = eval_schedule(config, steps_per_epoch, work.examples) if work.validation else {}
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
         num_train_epochs=hp.epochs,
@@ -143,15 +162,32 @@ def training_arguments(config: TrainerConfig, paths: Paths, work: Workload) -> A
         save_total_limit=config.checkpoints.keep,
         seed=hp.seed,
         data_seed=hp.seed,
-        bf16=bf16,
+        bf16=use_bf16(config),
         gradient_checkpointing=hp.gradient_checkpointing,
-        deepspeed=zero_config(ds, hp, bf16) if ds.enabled else None,
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         **schedule,
+        **deepspeed_arguments(config),
     )
+
+
+def evaluation_trainer(config: TrainerConfig, paths: Paths, work: Workload) -> Any:
+    """A plain Trainer (no DeepSpeed, one process) that evaluates the model as the training
+    Trainer would: same batch size, collator and loss."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(paths.out / "evaluation"),
+        per_device_eval_batch_size=config.hyperparameters.batch_size,
+        bf16=use_bf16(config),
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return Trainer(model=work.model, args=args, data_collator=work.collator, processing_class=work.processor)
 
 
 @dataclass
@@ -179,14 +215,16 @@ class Session:
     reporter: ProgressReporter
     sink: CheckpointSink
     run: RunState
+    rendezvous: Rendezvous = distributed.SINGLE
 
 
 def build_trainer(s: Session, work: Workload) -> Any:
     from transformers import Trainer
 
-    args = training_arguments(s.config, s.paths, work)
+    world = s.rendezvous.world_size
+    args = training_arguments(s.config, s.paths, work, world)
     hp = s.config.hyperparameters
-    per_step = hp.batch_size * hp.gradient_accumulation * int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = hp.batch_size * hp.gradient_accumulation * world
     live = live_fingerprint_matches(s.config, s.sink)
     callbacks = [
         ProgressCallback(
@@ -235,9 +273,11 @@ def evaluate_held_out(s: Session, trainer: Any, *, tokenizer: Any, data: Prepare
         (data.test, data.test_examples) if data.test else (data.validation, data.validation_examples)
     )
     results: dict[str, float] = {}
-    if features:
+    if features:  # across every rank of a multi-process run: each evaluates a share
         loss = trainer.evaluate(eval_dataset=features, metric_key_prefix="heldout")["heldout_loss"]
         results |= evaluation.loss_metrics(float(loss))
+    if not s.rendezvous.is_main:
+        return results
     goal = s.config.goal
     wanted = set(goal.metrics) | {c.metric for c in goal.success_criteria}
     v = s.config.validation
@@ -377,11 +417,55 @@ def decide(s: Session, baseline: dict[str, float], final: dict[str, float]) -> E
     return ExitCode.SUCCEEDED
 
 
+def trainer_and_baseline(s: Session, work: Workload, resume: Path | None) -> tuple[Any, dict[str, float]]:
+    """With DeepSpeed, rank 0 evaluates the base model on a plain Trainer before the process group
+    starts: a ZeRO-2 engine cannot evaluate before training, and the numbers mean the same."""
+    if not s.config.method.deepspeed.enabled:
+        if s.rendezvous.multi_process:
+            raise MethodError(
+                f"method.deepspeed.enabled: false with {s.rendezvous.nodes} nodes: only DeepSpeed "
+                "trains across pods (fix: set resources.nodes: 1, or method.type: full)"
+            )
+        trainer = build_trainer(s, work)
+        return trainer, baseline_metrics(s, trainer, work, resume)
+    if s.rendezvous.multi_process and s.config.method.deepspeed.stage == 3:
+        # Rank 0 alone generates (prompts, task metrics); ZeRO-3 weights exist only across all ranks.
+        raise MethodError(
+            f"method.deepspeed.stage: 3 with {s.rendezvous.world_size} processes is not supported yet "
+            "(fix: set method.deepspeed.stage: 2, or resources.nodes: 1)"
+        )
+    baseline: dict[str, float] = {}
+    if s.rendezvous.is_main:
+        baseline = baseline_metrics(s, evaluation_trainer(s.config, s.paths, work), work, resume)
+    distributed.join(s.rendezvous, cuda=_cuda())
+    return build_trainer(s, work), baseline
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def train(s: Session, clean: CleanData | None, warnings: list[str], model_path: str) -> ExitCode:
     work = text_workload(s, clean, warnings, model_path) if clean else speech_workload(s, model_path)
     resume = s.sink.restore(s.paths.checkpoints)
-    trainer = build_trainer(s, work)
-    baseline = baseline_metrics(s, trainer, work, resume)
+    if resume is not None and s.rendezvous.multi_process:
+        raise CheckpointRestoreError(
+            f"checkpoint {resume.name}: resuming across {s.rendezvous.nodes} pods is not supported yet: "
+            "only rank 0's share of the ZeRO optimizer state is stored (fix: delete and re-create the "
+            "FineTuneJob to start over, or train with resources.nodes: 1)"
+        )
+    try:
+        trainer, baseline = trainer_and_baseline(s, work, resume)
+        return train_and_finish(s, trainer, work, baseline, resume)
+    finally:
+        distributed.leave()
+
+
+def train_and_finish(
+    s: Session, trainer: Any, work: Workload, baseline: dict[str, float], resume: Path | None
+) -> ExitCode:
     s.reporter.update(phase=Phase.TRAINING, baseline=baseline, force=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if s.run.preempted:
@@ -398,6 +482,10 @@ def train(s: Session, clean: CleanData | None, warnings: list[str], model_path: 
 def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float]) -> ExitCode:
     s.reporter.update(phase=Phase.EVALUATING, force=True)
     final = work.evaluate(trainer)
+    weights = final_weights(s, trainer)
+    if not s.rendezvous.is_main:
+        log.info("rank %d done: rank 0 saves and reports", s.rendezvous.rank)
+        return ExitCode.SUCCEEDED
     s.metrics.set_eval(final, "final")
     log.info("final: %s", json.dumps(final, sort_keys=True))
     if work.chat:
@@ -407,7 +495,12 @@ def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float])
         s.metrics.set_predictions(predictions)
         s.reporter.update(predictions=predictions)
     folder = artifacts.save_final(
-        trainer.model, work.processor, s.paths.final, s.paths.sidecars, {"baseline": baseline, "final": final}
+        trainer.model,
+        work.processor,
+        s.paths.final,
+        s.paths.sidecars,
+        {"baseline": baseline, "final": final},
+        state_dict=weights,
     )
     info = s.sink.save_final(folder)
     s.sink.close()
@@ -416,15 +509,31 @@ def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float])
     return decide(s, baseline, final)
 
 
-def run(config: TrainerConfig, metrics: TrainerMetrics, reporter: ProgressReporter) -> ExitCode:
+def final_weights(s: Session, trainer: Any) -> dict[str, Any] | None:
+    """ZeRO-3 shards the weights: every rank takes part in gathering them, rank 0 receives them.
+    Otherwise the model's own weights are complete (None)."""
+    ds = s.config.method.deepspeed
+    if not ds.enabled or ds.stage != 3:
+        return None
+    state: dict[str, Any] = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return state
+
+
+def run(
+    config: TrainerConfig,
+    metrics: TrainerMetrics,
+    reporter: ProgressReporter,
+    rendezvous: Rendezvous = distributed.SINGLE,
+) -> ExitCode:
     paths = Paths(Path(config.output_dir))
     paths.out.mkdir(parents=True, exist_ok=True)
     try:
         clean, warnings = prepare(config, reporter)  # data errors surface before any download
         set_seeds(config.hyperparameters.seed)
         model_path = resolve_model_path(config.model, config.checkpoints.store, paths.out)
-        sink = build_sink(config, reporter, model_path)
-        session = Session(config, paths, metrics, reporter, sink, RunState())
+        # One uploader per job: the other ranks keep their checkpoints on local disk only.
+        sink = build_sink(config, reporter, model_path) if rendezvous.is_main else LocalSink(resume=False)
+        session = Session(config, paths, metrics, reporter, sink, RunState(), rendezvous)
         return train(session, clean, warnings, model_path)
     finally:
         (paths.out / "metrics.prom").write_bytes(metrics.exposition())

@@ -94,6 +94,7 @@ class NodeAgent:
         self.args = args
         self.runners: dict[str, PodRunner] = {}
         self.lock = threading.Lock()
+        self.network_lock = threading.Lock()
         self.free_ips = [str(ipaddress.ip_address("127.0.1.0") + i) for i in range(2, 254)]
         self.stopping = threading.Event()
 
@@ -222,14 +223,16 @@ class NodeAgent:
         self._refresh_network()
 
     def _refresh_network(self) -> None:
-        """Rewrites every pod's /etc/hosts (headless-service names) and Prometheus' pod targets."""
+        """Rewrites every pod's /etc/hosts (headless-service names) and Prometheus' pod targets.
+        Under the network lock: pods starting together must not interleave these writes."""
         with self.lock:
             runners = list(self.runners.values())
-        # Pods still preparing their volumes have no hosts file yet; they get one at start.
-        started = [r for r in runners if (r.root / "hosts").exists()]
-        for runner in started:
-            _write_in_place(runner.root / "hosts", _hosts_file(runner, started))
-        _write_targets(self.run_dir / "prometheus" / "targets" / "pods.json", started)
+        with self.network_lock:
+            # Pods still preparing their volumes have no hosts file yet; they get one at start.
+            started = [r for r in runners if (r.root / "hosts").exists()]
+            for runner in started:
+                _write_in_place(runner.root / "hosts", _hosts_file(runner, started))
+            _write_targets(self.run_dir / "prometheus" / "targets" / "pods.json", started)
 
     # -- pod watch -----------------------------------------------------------------------
     def watch_forever(self) -> None:

@@ -7,17 +7,23 @@ from typing import Any
 from finetune_trainer.config import DeepSpeed, Hyperparameters
 
 
-def zero_config(ds: DeepSpeed, hp: Hyperparameters, bf16: bool) -> dict[str, Any]:
-    """A ZeRO-2/3 config for transformers' Trainer; "auto" values are filled in by the Trainer."""
+def zero_config(ds: DeepSpeed, hp: Hyperparameters, bf16: bool, cuda: bool = True) -> dict[str, Any]:
+    """A ZeRO-2/3 config for transformers' Trainer; "auto" values are filled in by the Trainer.
+
+    There is no "optimizer" section, so the Trainer builds a torch optimizer: DeepSpeed's own
+    optimizers are compiled on first use (minutes per pod). Without a GPU, offload is dropped:
+    everything already lives in CPU memory, and offload would require DeepSpeed's compiled CPU Adam.
+    """
     zero: dict[str, Any] = {
         "stage": ds.stage,
-        "overlap_comm": True,
+        "overlap_comm": cuda,  # overlaps on CUDA streams; nothing to overlap on CPU
         "contiguous_gradients": True,
         "reduce_bucket_size": "auto",
     }
-    if ds.offload in ("optimizer", "optimizer+params"):
+    offload = ds.offload if cuda else "none"
+    if offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if ds.offload == "optimizer+params":
+    if offload == "optimizer+params":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if ds.stage == 3:
         zero |= {

@@ -1,0 +1,191 @@
+"""The process group across a job's pods, from the rendezvous environment the operator sets.
+
+The operator sets NNODES, NODE_RANK (the Indexed Job's completion index), WORLD_SIZE (nodes x
+gpusPerNode), MASTER_ADDR and MASTER_PORT on multi-node jobs, and none of them on one node.
+Each pod runs one trainer process: on CPU always, on GPU when gpusPerNode is 1 (or when a launcher
+such as torchrun already set LOCAL_RANK and RANK for each GPU's process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from finetune_trainer.config import ConfigError
+
+log = logging.getLogger(__name__)
+SHARED_MEMORY_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
+JOIN_TIMEOUT = timedelta(minutes=30)  # rank 0 evaluates the baseline while the others wait
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    rank: int
+    local_rank: int
+    world_size: int
+    node_rank: int
+    nodes: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        """World rank 0: the one process that evaluates, reports and uploads."""
+        return self.rank == 0
+
+    @property
+    def multi_process(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = Rendezvous(rank=0, local_rank=0, world_size=1, node_rank=0, nodes=1, master_addr="", master_port=0)
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw and default is not None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ConfigError(
+            [
+                f"env {name}: got {raw or '(unset)'!r}: must be an integer >= {minimum} "
+                "(fix: let the operator set the rendezvous variables, or set them as torchrun does)"
+            ]
+        )
+    return value
+
+
+def rendezvous_from_env(env: Mapping[str, str], cuda_devices: int) -> Rendezvous:
+    """This process's place in the job. `cuda_devices` is how many GPUs the pod sees."""
+    nodes = _int(env, "NNODES", 1, minimum=1)
+    if nodes == 1 and _int(env, "WORLD_SIZE", 1, minimum=1) == 1:
+        return SINGLE
+    node_rank = _int(env, "NODE_RANK", 0 if nodes == 1 else None)
+    if node_rank >= nodes:
+        raise ConfigError(
+            [f"env NODE_RANK: got {node_rank}: must be below NNODES {nodes} (fix: 0 to {nodes - 1})"]
+        )
+    requested = _int(env, "WORLD_SIZE", nodes, minimum=1)
+    launched = "LOCAL_RANK" in env
+    per_node = max(1, requested // nodes) if cuda_devices and launched else 1
+    if cuda_devices and not launched and requested > nodes:
+        log.warning(
+            "WORLD_SIZE %d asks for %d processes per pod; running one per pod (%d in all): "
+            "start the trainer through torchrun to use every GPU",
+            requested,
+            requested // nodes,
+            nodes,
+        )
+    elif not cuda_devices and requested != nodes:
+        log.info("no GPU: one process per pod, world size %d instead of WORLD_SIZE %d", nodes, requested)
+    local_rank = _int(env, "LOCAL_RANK", 0)
+    return Rendezvous(
+        rank=node_rank * per_node + local_rank,
+        local_rank=local_rank,
+        world_size=nodes * per_node,
+        node_rank=node_rank,
+        nodes=nodes,
+        master_addr=_required(env, "MASTER_ADDR"),
+        master_port=_int(env, "MASTER_PORT", minimum=1),
+    )
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(
+            [f"env {name}: not set on a multi-node job (fix: let the operator set the rendezvous env)"]
+        )
+    return value
+
+
+def cuda_devices() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def export(r: Rendezvous, env: MutableMapping[str, str]) -> None:
+    """The variables torch.distributed, accelerate and DeepSpeed read, as a launcher would set them."""
+    env.update(
+        RANK=str(r.rank),
+        LOCAL_RANK=str(r.local_rank),
+        WORLD_SIZE=str(r.world_size),
+        LOCAL_WORLD_SIZE=str(r.world_size // r.nodes),
+        MASTER_ADDR=r.master_addr or "127.0.0.1",
+        MASTER_PORT=str(r.master_port),
+    )
+
+
+def backend(cuda: bool) -> str:
+    # DeepSpeed's CPU accelerator would pick oneCCL where installed; gloo needs nothing extra.
+    return "nccl" if cuda else "gloo"
+
+
+def join(r: Rendezvous, cuda: bool) -> None:
+    """Start the process group and hand it to accelerate configured for DeepSpeed.
+
+    accelerate finds no backend on a machine without GPUs unless it is told one, and would then
+    treat every rank as a lone process (no data sharding, every rank "process zero"); so the
+    state is configured here and TrainingArguments reuses it (`use_configured_state`).
+    """
+    import torch
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+    from torch.distributed import HashStore  # type: ignore[attr-defined]
+
+    export(r, os.environ)
+    name = backend(cuda)
+    if cuda:
+        torch.cuda.set_device(r.local_rank)
+    else:
+        skip_shared_memory_op()
+    if r.multi_process:
+        log.info(
+            "joining the process group: rank %d of %d (node %d of %d) at %s:%d, backend %s",
+            *(r.rank, r.world_size, r.node_rank, r.nodes, r.master_addr, r.master_port, name),
+        )
+        dist.init_process_group(
+            name, init_method="env://", rank=r.rank, world_size=r.world_size, timeout=JOIN_TIMEOUT
+        )
+    else:  # one process: an in-memory store, so no port is taken on a host that pods share
+        dist.init_process_group(name, store=HashStore(), rank=0, world_size=1)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    state = PartialState(backend=name)
+    log.info(
+        "process group ready: rank %d of world size %d, backend %s, device %s",
+        *(state.process_index, state.num_processes, name, state.device),
+    )
+
+
+def skip_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op when it starts (2.5 minutes on
+    2 cores, again in every fresh pod) unless the installed deepspeed ships it prebuilt. The op
+    speeds up ranks that share one host's memory; a pod runs a single rank, so it is skipped."""
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+
+    if not installed_ops.get(SHARED_MEMORY_OP, False):
+        deepspeed.ops.__compatible_ops__[SHARED_MEMORY_OP] = False
+
+
+def barrier(r: Rendezvous) -> None:
+    if r.multi_process:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
