@@ -250,12 +250,7 @@ class LocalCluster:
         port = free_port()
         argv = [
             str(binary),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={port}",
-            "--leader-elect=false",
+            *_controller_flags(kubeconfig, port),
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki.sa_key}",
             f"--root-ca-file={pki.ca_cert}",
@@ -271,16 +266,7 @@ class LocalCluster:
 
     def _start_scheduler(self, binary: Path, kubeconfig: Path) -> None:
         port = free_port()
-        argv = [
-            str(binary),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={port}",
-            "--leader-elect=false",
-            "--v=1",
-        ]
+        argv = [str(binary), *_controller_flags(kubeconfig, port), "--v=1"]
         component = self._start("kube-scheduler", argv)
         wait_until(component, lambda: port_open(port), self.options.start_timeout, "its secure port")
 
@@ -365,6 +351,19 @@ class LocalCluster:
             self.options.start_timeout,
             "ServiceAccount default/default",
         )
+
+
+def _controller_flags(kubeconfig: Path, port: int) -> list[str]:
+    """What the controller-manager and the scheduler share: admin credentials, a loopback
+    secure port, and a single instance (no leader election)."""
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        "--leader-elect=false",
+    ]
 
 
 def prometheus_config(targets: Path, interval: str) -> dict[str, Any]:
