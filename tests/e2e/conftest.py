@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from kubernetes import client
 
 from localcluster import ClusterInfo
 from localcluster.quickstart import EXAMPLE, ensure_secrets, upload_model_and_data
-from localcluster.testing import apply_yaml, pod_log
+from localcluster.testing import apply_yaml
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 Launch = Callable[..., dict[str, Any]]
@@ -70,12 +71,15 @@ def job_status(kube: client.ApiClient, namespace: str) -> Callable[[str], dict[s
 
 
 @pytest.fixture
-def pod_logs(core: client.CoreV1Api, cluster: ClusterInfo, namespace: str) -> Callable[..., str]:
+def pod_logs(cluster: ClusterInfo, namespace: str) -> Callable[..., str]:
     """Every pod's log in the namespace (by default its tail: what a failing wait should show)."""
 
     def read(tail: int | None = 2500) -> str:
-        pods = core.list_namespaced_pod(namespace).items
-        logs = [pod_log(cluster.run_dir, namespace, p.metadata.name) for p in pods]
+        # Every pod that ever ran here, deleted ones included (a suspended job's pod is gone).
+        logs = [
+            p.read_text(errors="replace")
+            for p in sorted(Path(cluster.run_dir).glob(f"pods/{namespace}_*/logs/*.log"))
+        ]
         return "".join(log[-tail:] if tail else log for log in logs)
 
     return read
