@@ -7,9 +7,13 @@ HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOOLS_DIR="$HACK_DIR/tools"
 PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
 
+# Bump when the way the tools are built changes (flags, sources), so caches are rebuilt.
+RECIPE_VERSION=1
+
 pins_hash() {
-  # Everything that changes what gets built changes the cache directory.
-  cat "$TOOLS_DIR"/*/go.mod "$TOOLS_DIR"/*/go.sum "$0" | sha256sum | cut -c1-16
+  # The pins and the recipe decide what gets built, so they name the cache directory.
+  { cat "$TOOLS_DIR"/*/go.mod "$TOOLS_DIR"/*/go.sum; echo "$RECIPE_VERSION $PROMETHEUS_DEB_VERSION"; } \
+    | sha256sum | cut -c1-16
 }
 
 CACHE_ROOT="${FINETUNE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/tools}"
@@ -72,8 +76,11 @@ fetch_prometheus() {
   # Debian's package, unpacked into the cache: no root, no system service.
   local work
   work="$(mktemp -d)"
-  (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1 \
-    || apt-get download prometheus >/dev/null)
+  if ! (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1); then
+    # A fresh machine may have empty package lists: refresh them (needs root), then take any version.
+    [[ $(id -u) == 0 ]] && apt-get update -qq >/dev/null
+    (cd "$work" && apt-get download prometheus >/dev/null)
+  fi
   dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
   cp "$work/root/usr/bin/prometheus" "$work/root/usr/bin/promtool" "$BIN_DIR/"
   rm -rf "$work"
