@@ -397,6 +397,7 @@ def _status_from_children(
             ),
         )
     conditions = _data_condition(body, report, conditions, generation, now)
+    conditions = _predictions_condition(report, conditions, generation, now)
     patch["conditions"] = conditions
     return patch
 
@@ -415,6 +416,25 @@ def _data_condition(
         return conditions
     finding = policy.check_data_size(method, report.data.examples, allow_small=allow)
     return st.merge_findings(conditions, [finding], generation=generation, now=now)
+
+
+def _predictions_condition(
+    report: Any, conditions: list[dict[str, Any]], generation: int, now: datetime
+) -> list[dict[str, Any]]:
+    """PredictionsHealthy: the sample generations of the last evaluation passed their checks."""
+    if report is None or report.predictions is None:
+        return conditions
+    predictions = report.predictions
+    failing = sorted(check.name for check in predictions.checks if not check.passed)
+    healthy = predictions.failed == 0
+    reason = "ChecksPassed" if healthy else "ChecksFailed"
+    message = (
+        f"{predictions.passed} prediction checks passed"
+        if healthy
+        else f"{predictions.failed} prediction checks failed: {', '.join(failing) or 'see the trainer log'}"
+    )
+    new = st.condition("PredictionsHealthy", healthy, reason, message, generation=generation, now=now)
+    return st.set_condition(conditions, new)
 
 
 def _restarts(pods: list[dict[str, Any]], nodes: int) -> int:

@@ -48,8 +48,9 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     assert status["checkpoint"]["verified"] is True
     assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
     assert status["predictions"]["failed"] == 0
-    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
-    assert complete["status"] == "True"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["status"] == "True"
+    assert conditions["PredictionsHealthy"]["status"] == "True"
 
     reasons = [e.split(":")[0] for e in events_for(core, namespace, "support-bot")]
     assert {"MethodChosen", "CheckpointVerified", "Succeeded"} <= set(reasons)
