@@ -295,6 +295,7 @@ def baseline_metrics(s: Session, trainer: Any, work: Workload, resume: Path | No
         if folder is not None and (folder / artifacts.BASELINE_FILE).is_file():
             stored: dict[str, float] = json.loads((folder / artifacts.BASELINE_FILE).read_text())
             log.info("reusing the baseline from %s", folder)
+            s.metrics.set_eval(stored, "baseline")  # dashboards draw the baseline line again
             return stored
     if not s.config.goal.held_out_test:
         return {}
