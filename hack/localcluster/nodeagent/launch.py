@@ -53,9 +53,29 @@ def bind_all(mounts: list[dict[str, Any]]) -> None:
         os.close(fd)
 
 
+def keep_visible(paths: list[str]) -> list[tuple[str, int]]:
+    """Opens the directories the process itself runs from (the virtualenv, the Python install,
+    the project) before any volume is mounted."""
+    return [(path, os.open(path, os.O_PATH)) for path in paths if Path(path).is_dir()]
+
+
+def restore_visible(opened: list[tuple[str, int]]) -> None:
+    """A volume mounted over a parent (an emptyDir at /tmp when the project lives in /tmp/...)
+    hides them; bind them back so the container's command still runs."""
+    for path, fd in opened:
+        current = Path(path).stat() if Path(path).exists() else None
+        original = os.fstat(fd)
+        if current is None or (current.st_dev, current.st_ino) != (original.st_dev, original.st_ino):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, _MS_BIND | _MS_REC)
+        os.close(fd)
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    visible = keep_visible(spec.get("keepVisible", []))
     bind_all(spec["mounts"])
+    restore_visible(visible)
     socket.sethostname(spec["hostname"])
     os.chdir(spec["workingDir"])
     argv: list[str] = spec["argv"]

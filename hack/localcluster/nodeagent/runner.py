@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from localcluster.nodeagent.podspec import Lookup, MountError, PodContext, container_env, expand
 from localcluster.nodeagent.podspec import materialize_volume as materialize
 from localcluster.processes import RUN_MARKER
+from localcluster.tools import REPO_ROOT
 
 log = logging.getLogger("nodeagent")
 Obj = dict[str, Any]
@@ -234,6 +235,8 @@ class PodRunner:
             or "/",  # no image, so no WORKDIR: the root, as for FROM scratch,
             "argv": argv,
             "env": env,
+            # Images are not pulled: the process runs from these, which volumes must not hide.
+            "keepVisible": sorted({sys.prefix, sys.base_prefix, str(REPO_ROOT)}),
         }
         spec_path = self.root / f"launch-{container['name']}.json"
         spec_path.write_text(json.dumps(spec))
