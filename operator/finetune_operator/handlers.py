@@ -298,8 +298,24 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
             log.exception("periodic refresh failed; retrying in %.0fs", interval)
 
 
+_sync_locks: dict[tuple[str, str], threading.Lock] = {}
+_sync_locks_guard = threading.Lock()
+
+
+def _sync_lock(namespace: str, name: str) -> threading.Lock:
+    with _sync_locks_guard:
+        return _sync_locks.setdefault((namespace, name), threading.Lock())
+
+
 def sync_status(namespace: str, name: str) -> None:
-    """Recomputes the job's status from its Job, pods and progress report, and patches it."""
+    """Recomputes the job's status from its Job, pods and progress report, and patches it.
+    One sync per job at a time: event handlers and the refresh loop run concurrently, and a sync
+    acting on a stale read (suspending a Job for a rotation already handled) would undo another."""
+    with _sync_lock(namespace, name):
+        _sync_status(namespace, name)
+
+
+def _sync_status(namespace: str, name: str) -> None:
     names = builders.child_names(name)
     job = _kube().read_job(namespace, names.job)
     if job is None:
@@ -588,5 +604,7 @@ def forget(type: str, meta: kopf.Meta, **_: Any) -> None:
     if type != "DELETED":
         return
     metrics.forget_job(str(meta["namespace"]), str(meta["name"]), PHASES)
+    with _sync_locks_guard:
+        _sync_locks.pop((str(meta["namespace"]), str(meta["name"])), None)
     _checkpoints_seen.pop((str(meta["namespace"]), str(meta["name"])), None)
     _first_step_seen.discard((str(meta["namespace"]), str(meta["name"])))

@@ -181,5 +181,7 @@ class Kube:
         except ApiException as exc:
             if exc.status == 409:
                 return False
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                return True
             raise
         return True
