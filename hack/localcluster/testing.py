@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +17,20 @@ T = TypeVar("T")
 
 class WaitTimeoutError(AssertionError):
     """A condition did not hold in time; the message shows what was last seen."""
+
+
+def deep_merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `changes` into a copy of `base`; a value of None deletes the key. Tests use it
+    to vary one field of a manifest."""
+    out = copy.deepcopy(dict(base))
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def unique_name(prefix: str) -> str:

@@ -3,7 +3,6 @@ a FineTuneJob from examples/quickstart.yaml with changes."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,20 +13,10 @@ from kubernetes import client
 
 from localcluster import ClusterInfo
 from localcluster.quickstart import EXAMPLE, ensure_secrets, upload_model_and_data
-from localcluster.testing import apply_yaml
+from localcluster.testing import apply_yaml, deep_merge
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 Launch = Callable[..., dict[str, Any]]
-
-
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +40,7 @@ def launch(
     def create(name: str, **spec: Any) -> dict[str, Any]:
         doc = yaml.safe_load(EXAMPLE.read_text().replace("${S3_ENDPOINT}", cluster.s3_endpoint))
         doc["metadata"]["name"] = name
-        doc["spec"] = merged(doc["spec"], spec)
+        doc["spec"] = deep_merge(doc["spec"], spec)
         apply_yaml(kube, yaml.safe_dump(doc), namespace)
         return get_job(kube, namespace, name)
 

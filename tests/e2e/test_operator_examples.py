@@ -11,7 +11,6 @@ killed mid-reconcile.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ from urllib3.exceptions import ProtocolError
 
 from localcluster import ClusterInfo
 from localcluster.processes import free_port, port_open
-from localcluster.testing import events_for, wait_for
+from localcluster.testing import deep_merge, events_for, wait_for
 from localcluster.tools import REPO_ROOT, tool
 
 pytestmark = pytest.mark.cluster
@@ -83,19 +82,6 @@ def condition(obj: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
     return None
 
 
-def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge `changes` into a copy of `base`; a value of None deletes the key."""
-    out = copy.deepcopy(dict(base))
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def referenced_secrets(spec: Mapping[str, Any]) -> dict[str, set[str]]:
     """Secret name -> keys, as a user reads them off the spec."""
     wanted: dict[str, set[str]] = {}
@@ -133,7 +119,7 @@ def minimal_job(name: str, **changes: Any) -> dict[str, Any]:
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
         "metadata": {"name": name},
-        "spec": merged(spec, changes),
+        "spec": deep_merge(spec, changes),
     }
 
 
@@ -321,7 +307,9 @@ def test_small_data_example_refuses_full_and_names_the_alternative(
     examples = doc["spec"]["dataset"]["expectedExamples"]
     assert examples < 1000, "the example should stay below the refusal threshold"
     # The lora block does not apply to full (a CEL rule says so), so a user removes it.
-    full = merged(doc, {"metadata": {"name": "faq-full"}, "spec": {"method": {"type": "full", "lora": None}}})
+    full = deep_merge(
+        doc, {"metadata": {"name": "faq-full"}, "spec": {"method": {"type": "full", "lora": None}}}
+    )
     applied = kubectl_apply(cluster, namespace, full)
     assert applied.returncode == 0, applied.stderr
 
@@ -339,7 +327,7 @@ def test_small_data_example_refuses_full_and_names_the_alternative(
     assert not client.BatchV1Api(kube).list_namespaced_job(namespace).items
 
     # The documented escape hatch launches it, with a warning that still recommends LoRA.
-    allowed = merged(full, {"metadata": {"name": "faq-full-allowed"}})
+    allowed = deep_merge(full, {"metadata": {"name": "faq-full-allowed"}})
     allowed["spec"]["method"]["allowSmallDataFullFineTune"] = True
     applied = kubectl_apply(cluster, namespace, allowed)
     assert applied.returncode == 0, applied.stderr
@@ -539,12 +527,14 @@ def test_fields_fixed_at_creation_are_refused_on_update(
     created = kubectl_apply(cluster, namespace, original)
     assert created.returncode == 0, created.stderr
     for field, changes, phrase in IMMUTABLE:
-        changed = merged(original, {"spec": changes})
+        changed = deep_merge(original, {"spec": changes})
         result = kubectl_apply(cluster, namespace, changed, dry_run=True)
         assert result.returncode != 0, f"changing {field} was accepted"
         assert phrase in result.stderr, result.stderr
     # Mutable fields still change.
-    resumed = kubectl_apply(cluster, namespace, merged(original, {"spec": {"suspend": False}}), dry_run=True)
+    resumed = kubectl_apply(
+        cluster, namespace, deep_merge(original, {"spec": {"suspend": False}}), dry_run=True
+    )
     assert resumed.returncode == 0, resumed.stderr
 
 

@@ -14,6 +14,7 @@ from celpy.adapter import json_to_cel
 from finetune_operator import api, builders, policy
 from finetune_operator.crd import build_crd
 from finetune_operator.settings import OperatorSettings
+from localcluster.testing import deep_merge
 
 Spec = dict[str, Any]
 
@@ -32,23 +33,10 @@ def valid_spec() -> Spec:
     }
 
 
-def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> Spec:
-    """Deep-merge `changes` into a copy of `base`; a value of None deletes the key."""
-    out = copy.deepcopy(dict(base))
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 @pytest.fixture
 def spec_dict() -> Callable[..., Spec]:
     def make(**changes: Any) -> Spec:
-        return merged(valid_spec(), changes)
+        return deep_merge(valid_spec(), changes)
 
     return make
 
