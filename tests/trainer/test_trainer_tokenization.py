@@ -92,6 +92,11 @@ def test_packing_fills_chunks_without_exceeding_max_tokens() -> None:
     assert sorted(len(c) for c in chunks) == [30, 60, 60, 60]
 
 
+def test_packing_puts_an_item_in_the_oldest_of_equally_full_chunks() -> None:
+    chunks = pack([_enc(40, start=1), _enc(40, start=2), _enc(20, start=3), _enc(15, start=4)], 60)
+    assert [[s.input_ids[0] for s in c.segments] for c in chunks] == [[1, 3], [2, 4]]
+
+
 def test_long_text_is_split_not_cut() -> None:
     chunks = make_chunks([_enc(100)], 32, packing=False)
     assert [len(c) for c in chunks] == [32, 32, 32, 4]

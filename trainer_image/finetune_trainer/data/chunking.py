@@ -7,6 +7,8 @@ packed examples never attend to each other.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,15 +33,27 @@ def split_long(encoded: Encoded, max_tokens: int) -> list[Encoded]:
 
 
 def pack(items: Sequence[Encoded], max_tokens: int) -> list[Chunk]:
-    """Best-fit decreasing: each item goes into the fullest chunk that still has room."""
+    """Best-fit decreasing: each item goes into the fullest chunk that still has room, the oldest
+    of equally full ones. Chunks are indexed by fill level, so finding it is a bisect rather than a
+    scan of every chunk (which made 100k examples take tens of minutes)."""
     chunks: list[Chunk] = []
+    levels: list[int] = []  # fill levels that hold chunks, ascending
+    by_level: dict[int, list[int]] = {}  # fill level -> heap of chunk indices
     for item in sorted(items, key=lambda e: len(e.input_ids), reverse=True):
         size = len(item.input_ids)
-        fitting = [c for c in chunks if len(c) + size <= max_tokens]
-        if fitting:
-            max(fitting, key=len).segments.append(item)
+        at = bisect.bisect_right(levels, max_tokens - size)
+        if at:
+            fill = levels[at - 1]
+            index = heapq.heappop(by_level[fill])
+            if not by_level[fill]:
+                del by_level[fill], levels[at - 1]
+            chunks[index].segments.append(item)
         else:
+            index, fill = len(chunks), 0
             chunks.append(Chunk([item]))
+        if fill + size not in by_level:
+            bisect.insort(levels, fill + size)
+        heapq.heappush(by_level.setdefault(fill + size, []), index)
     return chunks
 
 

@@ -109,27 +109,42 @@ class NearDuplicateIndex:
     num_perm: int = 128
 
     def __post_init__(self) -> None:
-        from datasketch import MinHashLSH
+        from datasketch import MinHash, MinHashLSH
 
         self._lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm, weights=(0.1, 0.9))
         self._hashes: list[Any] = []
+        # Drawing the permutations costs more than hashing a text; every MinHash shares these.
+        self._empty = MinHash(num_perm=self.num_perm, seed=1)
 
     def _minhash(self, text: str) -> Any:
         from datasketch import MinHash
 
-        minhash = MinHash(num_perm=self.num_perm, seed=1)
+        empty = self._empty
+        minhash = MinHash(empty.num_perm, empty.seed, permutations=empty.permutations, scheme=empty.scheme)
         minhash.update_batch([s.encode("utf-8") for s in _shingles(text)])
         return minhash
 
-    def contains_near(self, text: str) -> bool:
-        minhash = self._minhash(text)
+    def _near(self, minhash: Any) -> bool:
         candidates = self._lsh.query(minhash)
         return any(minhash.jaccard(self._hashes[int(key)]) >= self.threshold for key in candidates)
 
-    def add(self, text: str) -> None:
-        minhash = self._minhash(text)
+    def _insert(self, minhash: Any) -> None:
         self._lsh.insert(str(len(self._hashes)), minhash)
         self._hashes.append(minhash)
+
+    def contains_near(self, text: str) -> bool:
+        return self._near(self._minhash(text))
+
+    def add(self, text: str) -> None:
+        self._insert(self._minhash(text))
+
+    def add_unless_near(self, text: str) -> bool:
+        """Add the text unless a near duplicate is in already; True when added. Hashes it once."""
+        minhash = self._minhash(text)
+        if self._near(minhash):
+            return False
+        self._insert(minhash)
+        return True
 
 
 @dataclass
@@ -161,10 +176,8 @@ def dedupe(
             counts.exact += 1
             continue
         seen.add(key)
-        if index is not None:
-            if index.contains_near(text):
-                counts.near += 1
-                continue
-            index.add(text)
+        if index is not None and not index.add_unless_near(text):
+            counts.near += 1
+            continue
         kept.append(i)
     return kept, counts
