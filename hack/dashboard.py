@@ -319,41 +319,103 @@ def job_row() -> list[Panel]:
             "short",
             query(f"sum(finetune_tokens_per_second{{{JOB}}})", "tokens/s"),
             query(f"sum(finetune_samples_per_second{{{JOB}}})", "samples/s", ref="B"),
-            w=8,
+            w=6,
         ),
         series(
             "GPU memory",
-            "Peak GPU memory allocated per device of each trainer pod.",
+            "Per device of each trainer pod: peak memory allocated by tensors, and memory reserved by "
+            "PyTorch's caching allocator (what the GPU sees in use).",
             "bytes",
             query(
                 f"max by (instance, device) (finetune_gpu_memory_allocated_bytes{{{JOB}}})",
+                "{{instance}} gpu{{device}} peak allocated",
+            ),
+            query(
+                f"max by (instance, device) (finetune_gpu_memory_reserved_bytes{{{JOB}}})",
+                "{{instance}} gpu{{device}} reserved",
+                ref="B",
+            ),
+            w=6,
+        ),
+        series(
+            "GPU utilization",
+            "Share of time a kernel ran on each device (NVML); low values mean the GPU waits on data, "
+            "the CPU or the network.",
+            "percentunit",
+            query(
+                f"max by (instance, device) (finetune_gpu_utilization_ratio{{{JOB}}})",
                 "{{instance}} gpu{{device}}",
             ),
-            w=8,
+            w=6,
         ),
         series(
             "Learning rate",
             "Scheduled learning rate.",
             "none",
             query(f"max(finetune_learning_rate{{{JOB}}})", "learning rate"),
-            w=8,
+            w=6,
         ),
-        series(
-            "Checkpoint timeline",
-            "Step of the last verified checkpoint (each rise is a new one) against the training step.",
-            "none",
-            query(f"max(finetune_checkpoint_last_verified_step{{{JOB}}})", "verified checkpoint step"),
-            query(f"max(finetune_step{{{JOB}}})", "training step", ref="B"),
-        ),
-        series(
-            "Checkpoint age",
-            "Seconds since the last verified checkpoint; a saw-tooth means checkpoints keep landing.",
-            "s",
-            query(f"max(finetune_checkpoint_age_seconds{{{JOB}}})", "age"),
-        ),
+        *checkpoint_panels(),
         predictions,
         data,
         flags,
+    ]
+
+
+def checkpoint_panels() -> list[Panel]:
+    # The trainer sets the committed and verified series as it happens; the operator also serves
+    # the verified step and the checkpoint age from the job's status, which outlive the pod.
+    since_verified = (
+        f"time() - max(finetune_checkpoint_last_verified_timestamp_seconds{{{JOB}}}) "
+        f"or max(finetune_checkpoint_age_seconds{{{JOB}}})"
+    )
+
+    def uploads(series: str) -> str:
+        return f"increase(finetune_checkpoint_upload_duration_seconds_{series}{{{JOB}}}[1h])"
+
+    return [
+        series(
+            "Checkpoint timeline",
+            "Step of the last committed and of the last verified checkpoint (each rise is a new one) "
+            "against the training step; a verified line lagging the committed one means verification "
+            "is slow or failing.",
+            "none",
+            query(f"max(finetune_checkpoint_last_committed_step{{{JOB}}})", "committed checkpoint step"),
+            query(
+                f"max(finetune_checkpoint_last_verified_step{{{JOB}}})", "verified checkpoint step", ref="B"
+            ),
+            query(f"max(finetune_step{{{JOB}}})", "training step", ref="C"),
+        ),
+        series(
+            "Checkpoint age",
+            "Seconds since the last committed and the last verified checkpoint; a saw-tooth means "
+            "checkpoints keep landing.",
+            "s",
+            query(
+                f"time() - max(finetune_checkpoint_last_committed_timestamp_seconds{{{JOB}}})", "since commit"
+            ),
+            query(since_verified, "since verification", ref="B"),
+        ),
+        series(
+            "Checkpoint upload time",
+            "Time to store a checkpoint's files and manifest, over the last hour.",
+            "s",
+            query(
+                f"sum({uploads('sum')}) / sum({uploads('count')})",
+                "mean (1h)",
+            ),
+            query(
+                f"histogram_quantile(0.95, sum by (le) ({uploads('bucket')}))",
+                "p95 (1h)",
+                ref="B",
+            ),
+        ),
+        series(
+            "Checkpoint bytes uploaded",
+            "Size of the checkpoints committed to the store in the last hour.",
+            "bytes",
+            query(f"sum(increase(finetune_checkpoint_uploaded_bytes_total{{{JOB}}}[1h]))", "uploaded (1h)"),
+        ),
     ]
 
 

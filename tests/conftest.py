@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from localcluster import ClusterInfo, add_scrape_target
+from localcluster import ClusterInfo, add_scrape_target, scrape_interval
 from localcluster.processes import free_port, port_open
 from localcluster.testing import wait_for
 from localcluster.tools import REPO_ROOT, tool
@@ -69,6 +69,9 @@ def operator(cluster: ClusterInfo, crd: None) -> Iterator[RunningOperator]:
         "FINETUNE_OPERATOR_HEALTH_PORT": str(health_port),
         "FINETUNE_OPERATOR_ENVIRONMENT": "onprem",
         "FINETUNE_OPERATOR_GPU_MEMORY_GIB": "80",
+        "FINETUNE_OPERATOR_HEARTBEAT_NAMESPACE": "default",
+        # Finished trainers linger for one scrape of the local Prometheus, not the chart's 15 s.
+        "FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL": scrape_interval(Path(cluster.run_dir)),
     }
     with log.open("ab") as out:
         process = subprocess.Popen(

@@ -4,7 +4,14 @@ Prometheus, and a process node agent that runs pods as local processes.
 
 Product packages never import this package."""
 
-from localcluster.cluster import ClusterInfo, ClusterOptions, LocalCluster, add_scrape_target, stop_run
+from localcluster.cluster import (
+    ClusterInfo,
+    ClusterOptions,
+    LocalCluster,
+    add_scrape_target,
+    scrape_interval,
+    stop_run,
+)
 from localcluster.tools import MissingToolError
 
 __all__ = [
@@ -13,5 +20,6 @@ __all__ = [
     "LocalCluster",
     "MissingToolError",
     "add_scrape_target",
+    "scrape_interval",
     "stop_run",
 ]

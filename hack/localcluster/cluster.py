@@ -386,6 +386,14 @@ def prometheus_config(targets: Path, interval: str) -> dict[str, Any]:
     }
 
 
+def scrape_interval(run_dir: Path) -> str:
+    """The stack's Prometheus scrape interval (a duration such as 2s); 0s when it runs none."""
+    config = run_dir / "prometheus" / "prometheus.yml"
+    if not config.is_file():
+        return "0s"
+    return str(yaml.safe_load(config.read_text())["global"]["scrape_interval"])
+
+
 def add_scrape_target(run_dir: Path, name: str, address: str, labels: dict[str, str]) -> None:
     """Makes Prometheus scrape `address` (host:port) under the `operator` job, e.g. an operator
     running outside the cluster."""

@@ -27,7 +27,7 @@ import yaml
 from kubernetes import client, config
 
 from finetune_trainer.testing.tiny import build_tiny_model, synthetic_records, write_jsonl
-from localcluster import ClusterInfo, ClusterOptions, LocalCluster, stop_run
+from localcluster import ClusterInfo, ClusterOptions, LocalCluster, scrape_interval, stop_run
 from localcluster.processes import free_port
 from localcluster.testing import apply_yaml, wait_for
 from localcluster.tools import REPO_ROOT, tool
@@ -90,8 +90,17 @@ def install_chart(info: ClusterInfo) -> None:
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "-f", str(REPO_ROOT / "examples" / "values-local.yaml"),
         "--set", f"operator.metricsPort={free_port()}", "--set", f"operator.healthPort={free_port()}",
+        "--set", f"webhook.port={free_port()}",
+        *scrape_values(info),
         "--wait", "--timeout", "3m",
     )  # fmt: skip
+
+
+def scrape_values(info: ClusterInfo) -> list[str]:
+    """The local Prometheus' scrape interval: finished trainers linger that long, not the chart's 15 s."""
+    if not info.prometheus_url:
+        return []  # the user's own cluster: the chart's default
+    return ["--set", f"podMonitor.interval={scrape_interval(Path(info.run_dir))}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +158,8 @@ def apply_job(api: Any, info: ClusterInfo, namespace: str) -> str:
     except client.ApiException as exc:
         if exc.status != 404:
             raise
-    apply_yaml(api, text, namespace)
+    # The admission webhook (it records who created the job) answers once the operator serves it.
+    wait_for(lambda: apply_yaml(api, text, namespace) or True, 60, "the operator's admission webhook")
     say(f"applied examples/quickstart.yaml: FineTuneJob {namespace}/{name}")
     return name
 

@@ -747,6 +747,27 @@ class ValidationSpec(_Model):
 
 
 # ---------------------------------------------------------------------------------------------
+# spec.output
+
+
+class OutputSpec(_Model):
+    """The final artifact: the adapter (lora, qlora) or the full model, with the tokenizer, the prompt
+    template, the config, the data report, baseline and final metrics and a model card (README.md)."""
+
+    merge_adapter: bool = Field(
+        default=False,
+        description=(
+            "lora and qlora: also save the base model with the trained adapter merged in, as safetensors "
+            "shards under final/merged/, which loads without peft. qlora merges into the base loaded in "
+            "its compute dtype, not the 4-bit one. The merge runs on CPU and needs memory for one copy of "
+            "the base model in that dtype (see resources.memory); a failed merge keeps the adapter. Not "
+            "allowed with method.type full (its artifact is already the whole model); ignored when method "
+            "auto resolves to full."
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # spec.env
 
 
@@ -846,8 +867,18 @@ class FineTuneJobSpec(_Model):
                 fieldPath=".dataset.split.test",
             ),
             _cel(
-                "!has(oldSelf.userId) || (has(self.userId) && self.userId == oldSelf.userId)",
-                "spec.userId is recorded once and cannot change",
+                "!self.output.mergeAdapter || self.method.type != 'full'",
+                "spec.output.mergeAdapter is true with method.type full: full fine-tuning already saves "
+                "the whole model, there is no adapter to merge; set output.mergeAdapter: false or "
+                "method.type lora or qlora",
+                fieldPath=".output.mergeAdapter",
+                reason="FieldValueForbidden",
+            ),
+            _cel(
+                "has(self.userId) == has(oldSelf.userId) && "
+                "(!has(self.userId) || self.userId == oldSelf.userId)",
+                "spec.userId is recorded when the job is created and cannot be added, removed or changed "
+                "(fix: keep the recorded value)",
                 fieldPath=".userId",
             ),
         )
@@ -880,6 +911,9 @@ class FineTuneJobSpec(_Model):
     validation: ValidationSpec = _defaulted_object(
         "Prompts and scenarios checked during training.", ValidationSpec
     )
+    output: OutputSpec = _defaulted_object(
+        "The final artifact: merged weights on request (lora, qlora); a model card always.", OutputSpec
+    )
     env: Annotated[list[EnvVar], Field(max_length=MAX_ENV)] = Field(
         default_factory=list,
         description=(
@@ -895,7 +929,10 @@ class FineTuneJobSpec(_Model):
     )
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = Field(
         default=3,
-        description="Pod failures tolerated before the job fails; preemption and eviction do not count.",
+        description=(
+            "Failed attempts tolerated before the job fails (with several nodes, a lost pod fails its "
+            "peers too, so the Job allows this many per node); preemption and eviction do not count."
+        ),
     )
     active_deadline_seconds: Annotated[int, Field(ge=60)] | None = Field(
         default=None, description="Wall-clock limit for the whole run, in seconds."
@@ -913,8 +950,9 @@ class FineTuneJobSpec(_Model):
     user_id: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = Field(
         default=None,
         description=(
-            "The user the job runs for, passed to the trainer as USER_ID. Recorded once (from the "
-            "creating request or set by the client) and then immutable."
+            "The user the job runs for, passed to the trainer as USER_ID. With the operator's "
+            "admission webhook (the chart's default) it is recorded from the creating request's "
+            "identity and a different value is refused; without it the client sets it. Immutable."
         ),
     )
 
@@ -929,6 +967,12 @@ class FineTuneJobSpec(_Model):
             raise ValueError(
                 "spec.method.type qlora does not support spec.dataset.format audio: "
                 "use method.type lora or full"
+            )
+        if self.output.merge_adapter and self.method.type == MethodType.FULL:
+            raise ValueError(
+                "spec.output.mergeAdapter is true with method.type full: full fine-tuning already saves "
+                "the whole model, there is no adapter to merge; set output.mergeAdapter: false or "
+                "method.type lora or qlora"
             )
         if self.goal.held_out_test and self.goal.test_file is None and self.dataset.split.test <= 0:
             raise ValueError(

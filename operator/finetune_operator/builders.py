@@ -11,6 +11,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from finetune_operator import api
@@ -31,6 +32,7 @@ CACHE_DIR = "/cache"
 MASTER_PORT = 29500
 GPU_RESOURCE = "nvidia.com/gpu"
 SHM_SIZE_LIMIT = "16Gi"
+SCRAPE_MARGIN_S = 1.0
 
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 SECRETS_HASH_ANNOTATION = "finetune.dev/secrets-hash"
@@ -111,6 +113,24 @@ def labels(job: JobRef) -> dict[str, str]:
         "app.kubernetes.io/managed-by": "finetune-operator",
         JOB_NAME_LABEL: child_names(job.name).job,
         JOB_UID_LABEL: job.uid,
+    }
+
+
+def heartbeat_config_map(namespace: str, name: str, now: datetime) -> dict[str, Any]:
+    """The operator's own ConfigMap, rewritten periodically so its watch always has traffic."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "finetune-operator",
+                "app.kubernetes.io/component": "heartbeat",
+                "app.kubernetes.io/managed-by": "finetune-operator",
+            },
+        },
+        "data": {"time": now.isoformat(timespec="seconds")},
     }
 
 
@@ -279,6 +299,20 @@ def _validation(validation: api.ValidationSpec) -> tc.Validation:
     )
 
 
+def _output(spec: FineTuneJobSpec, decision: MethodDecision) -> tc.Output:
+    """Full fine-tuning saves the whole model already: a merge request only applies to adapters
+    (the CRD refuses it with method.type full; here method auto may have resolved to full)."""
+    adapter = decision.type != api.ResolvedMethodType.FULL
+    return tc.Output(merge_adapter=spec.output.merge_adapter and adapter)
+
+
+def metrics_linger_seconds(settings: OperatorSettings) -> float:
+    """One scrape interval, and a second for a scrape that starts at its very end to finish: the
+    final values a trainer sets just before it exits still reach Prometheus."""
+    interval = settings.trainer_scrape_interval
+    return interval + SCRAPE_MARGIN_S if interval else 0.0
+
+
 def secret_env_names(spec: FineTuneJobSpec) -> list[str]:
     """Env vars the trainer gets from Secrets; it checks they are set (names only, never values)."""
     names = [var.name for var in spec.env if var.secret_key_ref is not None]
@@ -306,8 +340,10 @@ def build_trainer_config(
         environment=tc.Environment(is_cloud=is_cloud),
         checkpoints=_checkpoints(spec, settings),
         validation=_validation(spec.validation),
+        output=_output(spec, decision),
         report=tc.Report(config_map=child_names(job.name).progress, namespace=job.namespace),
         metrics_port=settings.trainer_metrics_port,
+        metrics_linger_seconds=metrics_linger_seconds(settings),
         output_dir=OUTPUT_DIR,
         required_env=secret_env_names(spec),
     )
@@ -615,7 +651,9 @@ def build_training_job(
     if secrets_hash:
         annotations[SECRETS_HASH_ANNOTATION] = secrets_hash
     job_spec: Manifest = {
-        "backoffLimit": spec.backoff_limit,
+        # A failed pod of a multi-node job takes its peers down with it (their collectives fail),
+        # so every retry costs up to `nodes` pod failures: the limit counts retries of the group.
+        "backoffLimit": spec.backoff_limit * nodes,
         "completions": nodes,
         "parallelism": nodes,
         "completionMode": "Indexed" if nodes > 1 else "NonIndexed",

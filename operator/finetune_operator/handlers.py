@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import api, builders, metrics, policy
+from finetune_operator import admission, api, builders, metrics, policy
 from finetune_operator import status as st
 from finetune_operator.api import Phase
 from finetune_operator.kube import Kube, connect
@@ -69,6 +69,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     # The chart grants no access to CRDs cluster-wide; the resource is known, no scanning needed.
     settings.scanning.disabled = True
+    if operator_settings.webhook_port:
+        admission.serve(settings, operator_settings.webhook_port, operator_settings.webhook_cert_dir)
     _state["settings"] = operator_settings
     _state["kube"] = Kube(connect())
     if operator_settings.metrics_port:
@@ -276,6 +278,9 @@ def _owner_through_job(meta: Mapping[str, Any]) -> str | None:
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
 def child_changed(meta: kopf.Meta, **_: Any) -> None:
     metrics.watch_event_seen()
+    if meta.get("name") == HEARTBEAT and meta.get("namespace") == _settings().heartbeat_namespace:
+        _state["heartbeat_seen"] = time.monotonic()
+        return
     owner = _owner_name(meta) or _owner_through_job(meta)
     if owner and meta.get("namespace"):
         with metrics.observed("sync_status"):
@@ -288,6 +293,7 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
     would block deleting jobs once the operator is uninstalled."""
     while not stop.wait(interval):
         metrics.refresh_watch_staleness()
+        _beat()
         try:
             with metrics.observed("refresh"):
                 for item in _kube().list_job_resources(_settings().namespaces):
@@ -389,7 +395,7 @@ def _status_from_children(
 ) -> dict[str, Any]:
     generation = int(body["metadata"].get("generation", 1))
     old = body.get("status") or {}
-    patch: dict[str, Any] = st.status_from_report(report) if report is not None else {}
+    patch: dict[str, Any] = st.status_from_report(report, old) if report is not None else {}
     phase = st.phase_from_job(job.get("status"), report.phase.value if report is not None else None)
     patch["phase"] = phase.value
     patch["restarts"] = _restarts(
@@ -477,8 +483,9 @@ def _outcome(
 ) -> tuple[str, str]:
     """The condition reason and message for a finished job: the exit code's meaning, with the
     trainer's own words (its termination message, else its last report)."""
-    if phase == Phase.SUCCEEDED:
-        return "Succeeded", "training finished and the success criteria were met"
+    if phase == Phase.SUCCEEDED:  # the trainer's notes (merged weights, warnings) stay visible
+        done = "training finished and the success criteria were met"
+        return "Succeeded", f"{done}: {reported.strip()}" if reported.strip() else done
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed.sort(key=lambda p: str((p.get("status") or {}).get("startTime") or ""))
     exit_info = _exit(failed[-1]) if failed else None
@@ -579,8 +586,35 @@ def _update_fleet_gauge() -> None:
 
 
 # The liveness probe fails (HTTP 500 on /healthz) when the API server has not answered the
-# periodic refresh for this long: a restarted operator gets fresh connections and watches.
+# periodic refresh, or the watch has not delivered the operator's own heartbeat, for this long:
+# a restarted operator gets fresh connections and watches.
 STALE_AFTER_SECONDS = 300.0
+HEARTBEAT = "finetune-operator-heartbeat"
+
+
+def _beat() -> None:
+    """Touch the heartbeat ConfigMap; `child_changed` sees the change come back through the watch.
+    Without it an idle cluster's watch is silent whether it works or not."""
+    namespace = _settings().heartbeat_namespace
+    if not namespace:
+        return
+    try:
+        _kube().apply(builders.heartbeat_config_map(namespace, HEARTBEAT, datetime.now(UTC)))
+    except Exception:
+        log.exception("heartbeat write to %s/%s failed", namespace, HEARTBEAT)
+
+
+@kopf.on.probe(id="watchSilenceSeconds")
+def watch_silence(**_: Any) -> float | None:
+    if not _settings().heartbeat_namespace:
+        return None
+    seen = float(_state.get("heartbeat_seen", _state.get("started", time.monotonic())))
+    silence = time.monotonic() - seen
+    if silence > STALE_AFTER_SECONDS:
+        raise kopf.PermanentError(
+            f"the watch delivered no heartbeat for {silence:.0f}s: the operator's watch has gone silent"
+        )
+    return round(silence, 1)
 
 
 @kopf.on.probe(id="refreshAgeSeconds")

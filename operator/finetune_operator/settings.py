@@ -11,9 +11,16 @@
 - FINETUNE_OPERATOR_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
 - FINETUNE_OPERATOR_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
 - FINETUNE_OPERATOR_TRAINER_METRICS_PORT (9400): the trainer's Prometheus port (container port `metrics`).
+- FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL (15s): how often Prometheus scrapes trainer pods (the chart
+  passes podMonitor.interval); a finished trainer keeps /metrics up this long, so its final values
+  are scraped.
 - FINETUNE_OPERATOR_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
 - FINETUNE_OPERATOR_METRICS_PORT (8080): the operator's Prometheus endpoint (/metrics).
 - FINETUNE_OPERATOR_HEALTH_PORT (8081): the operator's liveness endpoint (/healthz).
+- FINETUNE_OPERATOR_WEBHOOK_PORT (0: off): HTTPS port of the admission webhook that records the creating
+  user in spec.userId; FINETUNE_OPERATOR_WEBHOOK_CERT_DIR holds its tls.crt and tls.key.
+- FINETUNE_OPERATOR_HEARTBEAT_NAMESPACE (empty: off): a watched namespace where the operator keeps a
+  heartbeat ConfigMap; /healthz fails when its updates stop arriving through the watch.
 - FINETUNE_OPERATOR_LOG_LEVEL (INFO): DEBUG, INFO, WARNING or ERROR.
 - FINETUNE_OPERATOR_TRAINER_SERVICE_ACCOUNT_ANNOTATIONS ({}): JSON object put on every trainer
   ServiceAccount (e.g. eks.amazonaws.com/role-arn for IAM roles for service accounts).
@@ -25,12 +32,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from finetune_operator.api import Environment
+
+# Prometheus' duration syntax, as in the chart's podMonitor.interval: 15s, 1m30s, 500ms.
+UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+DURATION = re.compile(rf"(?:{DURATION_PART.pattern})+")
 
 
 class OperatorSettings(BaseSettings):
@@ -60,6 +73,10 @@ class OperatorSettings(BaseSettings):
     trainer_metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=9400, description="Port of the trainer's Prometheus endpoint."
     )
+    trainer_scrape_interval: Annotated[float, Field(ge=0, le=300)] = Field(
+        default=15.0,
+        description="Seconds between scrapes of trainer pods; a Prometheus duration such as 15s.",
+    )
     namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="Namespaces to watch; empty means all namespaces."
     )
@@ -69,6 +86,15 @@ class OperatorSettings(BaseSettings):
     )
     health_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8081, description="Port of the operator's /healthz endpoint; 0 disables it."
+    )
+    webhook_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=0, description="HTTPS port of the admission webhook; 0 disables it."
+    )
+    webhook_cert_dir: str = Field(
+        default="/etc/finetune-operator/webhook", description="Directory with the webhook's tls.crt/tls.key."
+    )
+    heartbeat_namespace: str = Field(
+        default="", description="Watched namespace of the heartbeat ConfigMap; empty disables it."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of the operator."
@@ -87,6 +113,13 @@ class OperatorSettings(BaseSettings):
     )
     check_secrets: bool = Field(default=True, description="Check referenced Secrets before launch.")
     read_nodes: bool = Field(default=True, description="Read node labels to detect the environment.")
+
+    @field_validator("trainer_scrape_interval", mode="before")
+    @classmethod
+    def _prometheus_duration(cls, value: object) -> object:
+        if isinstance(value, str) and DURATION.fullmatch(value.strip()):
+            return sum(int(n) * UNIT_SECONDS[unit] for n, unit in DURATION_PART.findall(value))
+        return value  # a number of seconds; anything else fails float validation
 
     @field_validator("namespaces", mode="before")
     @classmethod

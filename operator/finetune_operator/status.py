@@ -224,9 +224,9 @@ def _metric_values(values: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def status_from_report(report: TrainerReport) -> Patch:
+def status_from_report(report: TrainerReport, old: Mapping[str, Any] | None = None) -> Patch:
     """The status fields the trainer owns, copied from its report. The phase is included only while
-    the trainer runs: success and failure are read from the Job."""
+    the trainer runs: success and failure are read from the Job. `old` is the current status."""
     fields: dict[str, Any] = {}
     if Phase(report.phase.value) in RUNNING_PHASES:
         fields["phase"] = report.phase.value
@@ -251,7 +251,16 @@ def status_from_report(report: TrainerReport) -> Patch:
         fields["checkpoint"] = report.checkpoint.model_dump(by_alias=True)
     if report.predictions is not None:
         fields["predictions"] = report.predictions.model_dump(by_alias=True)
-    return _dump(api.FineTuneJobStatus.model_validate(fields))
+    return _forget_stale_commit_time(_dump(api.FineTuneJobStatus.model_validate(fields)), old or {})
+
+
+def _forget_stale_commit_time(patch: Patch, old: Mapping[str, Any]) -> Patch:
+    """A merge patch keeps what it does not name: a checkpoint not committed yet must not show the
+    commit time of the one before it, so null removes that time."""
+    checkpoint = patch.get("checkpoint")
+    if checkpoint is not None and "time" not in checkpoint and (old.get("checkpoint") or {}).get("time"):
+        checkpoint["time"] = None
+    return patch
 
 
 def status_patch(

@@ -49,6 +49,22 @@ def roles(objects: list[Manifest]) -> list[Manifest]:
     return of_kind(objects, "Role") + of_kind(objects, "ClusterRole")
 
 
+def aggregated(role: Manifest) -> bool:
+    """The chart's ClusterRoles for people (folded into edit/view), not the operator's."""
+    labels = role["metadata"].get("labels", {})
+    return any(key.startswith("rbac.authorization.k8s.io/aggregate-to-") for key in labels)
+
+
+def operator_objects(objects: list[Manifest]) -> list[Manifest]:
+    """Everything but the aggregated user roles and the webhook's Service."""
+    return [
+        obj
+        for obj in objects
+        if not (obj["kind"] == "ClusterRole" and aggregated(obj))
+        and obj["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "webhook"
+    ]
+
+
 def verbs_on(role: Manifest, resource: str, group: str = "") -> set[str]:
     return {
         verb
@@ -120,8 +136,12 @@ def test_profiles_set_method_defaults_and_storage(render: Render) -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_no_secret_material_is_rendered(render: Render, profile: str) -> None:
     objects = render(profile)
-    assert not of_kind(objects, "Secret")
-    text = yaml.safe_dump_all(objects)
+    # The one Secret is the webhook's serving certificate, generated at install; no credentials.
+    secrets = of_kind(objects, "Secret")
+    assert [(s["type"], sorted(s["data"])) for s in secrets] == [
+        ("kubernetes.io/tls", ["ca.crt", "tls.crt", "tls.key"])
+    ]
+    text = yaml.safe_dump_all([o for o in objects if o["kind"] != "Secret"])
     for marker in ("AWS_SECRET_ACCESS_KEY", "secretAccessKey:", "password:", "token:"):
         assert marker not in text
 
@@ -153,7 +173,7 @@ def test_every_rbac_rule_says_why(helm: Callable[..., Any], template_args: Calla
 
 
 def test_cluster_wide_mode(render: Render) -> None:
-    objects = render()
+    objects = operator_objects(render())
     assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
     role, binding = one(objects, "ClusterRole"), one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -170,7 +190,7 @@ def test_cluster_wide_mode(render: Render) -> None:
 
 
 def test_namespaced_mode(render: Render) -> None:
-    objects = render(sets=["operator.namespaces={team-a,team-b}"])
+    objects = operator_objects(render(sets=["operator.namespaces={team-a,team-b}"]))
     role_namespaces = sorted(r["metadata"]["namespace"] for r in of_kind(objects, "Role"))
     binding_namespaces = sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding"))
     assert role_namespaces == binding_namespaces == ["team-a", "team-b"]
@@ -181,7 +201,7 @@ def test_namespaced_mode(render: Render) -> None:
     selector = one(objects, "PodMonitor")["spec"]["namespaceSelector"]
     assert selector == {"matchNames": ["team-a", "team-b"]}
 
-    no_nodes = render(sets=["operator.namespaces={team-a}", "rbac.readNodes=false"])
+    no_nodes = operator_objects(render(sets=["operator.namespaces={team-a}", "rbac.readNodes=false"]))
     assert not of_kind(no_nodes, "ClusterRole") and not of_kind(no_nodes, "ClusterRoleBinding")
     assert env_of(no_nodes)["FINETUNE_OPERATOR_READ_NODES"] == "false"
 
@@ -248,7 +268,7 @@ def test_monitoring_objects_follow_the_cluster(render: Render) -> None:
 
 
 def test_scrape_targets(render: Render) -> None:
-    objects = render()
+    objects = operator_objects(render())
     service = one(objects, "Service")
     monitor = one(objects, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
@@ -259,6 +279,13 @@ def test_scrape_targets(render: Render) -> None:
     assert endpoint["port"] == "metrics"
     # The series' own namespace/job labels are the FineTuneJob's; they must not become exported_*.
     assert endpoint["honorLabels"] is True and monitor["spec"]["endpoints"][0]["honorLabels"] is True
+
+
+def test_trainers_linger_for_the_pod_monitor_s_interval(render: Render) -> None:
+    """The operator renders how long a finished trainer keeps /metrics up from this interval."""
+    objects = render(sets=["podMonitor.interval=1m30s"])
+    assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["interval"] == "1m30s"
+    assert env_of(objects)["FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL"] == "1m30s"
 
 
 def test_prometheus_rule_is_the_alerts_file(render: Render) -> None:
@@ -388,3 +415,43 @@ def test_operator_reads_every_variable_the_chart_sets(render: Render, profile: s
     understood = {prefix + name.upper() for name in OperatorSettings.model_fields}
     ignored = sorted(set(env_of(render(profile))) - understood)
     assert not ignored, f"the operator ignores these variables the chart sets: {ignored}"
+
+
+def test_users_with_edit_or_view_get_finetunejobs(render: Render) -> None:
+    user_roles = {r["metadata"]["name"]: r for r in of_kind(render(), "ClusterRole") if aggregated(r)}
+    edit, view = user_roles["ft-finetune-operator-edit"], user_roles["ft-finetune-operator-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert {"create", "patch", "delete"} <= verbs_on(edit, "finetunejobs", "finetune.dev")
+    assert verbs_on(edit, "finetunejobs/status", "finetune.dev") == {"get"}  # progress is not theirs to write
+    assert verbs_on(view, "finetunejobs", "finetune.dev") == {"get", "list", "watch"}
+    assert not [
+        r
+        for r in of_kind(render(sets=["rbac.aggregateToDefaultRoles=false"]), "ClusterRole")
+        if aggregated(r)
+    ]
+
+
+def webhook_config(objects: list[Manifest]) -> Manifest:
+    return one(objects, "MutatingWebhookConfiguration")["webhooks"][0]
+
+
+def test_webhook_records_creators_of_the_release_s_namespaces(render: Render) -> None:
+    objects = render(sets=["operator.namespaces={team-a,team-b}"])
+    hook = webhook_config(objects)
+    assert hook["rules"][0]["operations"] == ["CREATE"] and hook["rules"][0]["resources"] == ["finetunejobs"]
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
+    assert hook["clientConfig"]["service"]["path"] == "/record-user"
+    secret = one(objects, "Secret")
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    env = env_of(objects)
+    assert env["FINETUNE_OPERATOR_WEBHOOK_PORT"] == "9443"
+    assert env["FINETUNE_OPERATOR_HEARTBEAT_NAMESPACE"] == "team-a"
+    assert "namespaceSelector" not in webhook_config(render())  # cluster-wide: every namespace
+
+
+def test_webhook_can_be_reached_by_host_or_turned_off(render: Render) -> None:
+    by_host = webhook_config(render(sets=["webhook.host=127.0.0.1", "webhook.port=9555"]))
+    assert by_host["clientConfig"]["url"] == "https://127.0.0.1:9555/record-user"
+    off = render(sets=["webhook.enabled=false"])
+    assert not of_kind(off, "MutatingWebhookConfiguration") and not of_kind(off, "Secret")
+    assert env_of(off)["FINETUNE_OPERATOR_WEBHOOK_PORT"] == "0"

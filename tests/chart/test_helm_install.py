@@ -22,7 +22,7 @@ from kubernetes.client.rest import ApiException
 
 from localcluster import ClusterInfo, ClusterOptions, LocalCluster
 from localcluster.processes import free_port
-from localcluster.testing import events_for, pod_log, wait_for
+from localcluster.testing import deep_merge, events_for, pod_log, wait_for
 from localcluster.tools import MissingToolError, check_all, tool
 
 pytestmark = pytest.mark.cluster
@@ -40,7 +40,7 @@ TEAM, STRICT, OTHER = "team-a", "team-strict", "team-other"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 # What `helm uninstall` must remove; every one carries these labels.
 RELEASE_SELECTOR = f"app.kubernetes.io/managed-by=Helm,app.kubernetes.io/instance={RELEASE}"
-RELEASE_KINDS = "deployments,serviceaccounts,services,configmaps,roles,rolebindings"
+RELEASE_KINDS = "deployments,serviceaccounts,services,configmaps,secrets,roles,rolebindings"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def port_values() -> list[str]:
     # Pods share the host's ports in the local cluster: every operator pod gets free ones.
-    return ["--set", f"operator.metricsPort={free_port()}", "--set", f"operator.healthPort={free_port()}"]
+    keys = ("operator.metricsPort", "operator.healthPort", "webhook.port")
+    return [arg for key in keys for arg in ("--set", f"{key}={free_port()}")]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,27 @@ def namespaced(stack: Stack) -> Stack:
         "--set", f"operator.namespaces={{{TEAM},{STRICT}}}", *port_values(), "--wait", "--timeout", "2m",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    wait_for_webhook(stack, TEAM)
     return stack
+
+
+def wait_for_webhook(stack: Stack, namespace: str) -> None:
+    """FineTuneJobs can be created once the API server reaches the webhook (failurePolicy Fail):
+    after the operator pod is ready and the Service's endpoints list it."""
+
+    def admitted() -> bool:
+        body = yaml.safe_load(EXAMPLE_JOB.read_text().replace("${S3_ENDPOINT}", stack.info.s3_endpoint))
+        try:
+            custom(stack).create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, body, dry_run="All"
+            )
+        except ApiException as exc:
+            if "failed calling webhook" in str(exc.body):
+                return False
+            raise
+        return True
+
+    wait_for(admitted, 60, "the admission webhook to answer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +385,40 @@ def test_operator_reconciles_the_example_to_a_running_training_job(namespaced: S
     suspend_job_resource(stack, TEAM, "quickstart")
 
 
+def test_the_webhook_records_the_creating_user(namespaced: Stack, tmp_path: Path) -> None:
+    """USER_ID comes from the API server's authentication of the creating request (here alice, by
+    impersonation), not from the manifest; a manifest naming someone else is refused."""
+    stack = namespaced
+    bound = stack.kubectl("create", "rolebinding", "alice", "--clusterrole=edit", "--user=alice", "-n", TEAM)
+    assert bound.returncode == 0, bound.stderr
+    can_create = ("auth", "can-i", "create", "finetunejobs.finetune.dev", "-n", TEAM, "--as", "alice")
+    # The chart's aggregated ClusterRole puts FineTuneJobs into `edit`.
+    wait_for(lambda: stack.kubectl(*can_create).stdout.strip() == "yes", 30, "edit to cover FineTuneJobs")
+
+    created = create_as_alice(stack, tmp_path, "alices")
+    assert created.returncode == 0, created.stderr
+    assert "spec.userId recorded as 'alice'" in created.stderr  # kubectl shows admission warnings
+    assert get_job_resource(stack, TEAM, "alices")["spec"]["userId"] == "alice"
+    container = wait_for_training_job(stack, TEAM, "alices").spec.template.spec.containers[0]
+    assert {e.name: e.value for e in container.env}["USER_ID"] == "alice"
+
+    refused = create_as_alice(stack, tmp_path, "forged", userId="mallory")
+    assert refused.returncode != 0, refused.stdout
+    assert "spec.userId: got 'mallory', but this request comes from 'alice'" in refused.stderr, refused.stderr
+    with pytest.raises(ApiException) as missing:
+        get_job_resource(stack, TEAM, "forged")
+    assert missing.value.status == 404
+    custom(stack).delete_namespaced_custom_object(GROUP, VERSION, TEAM, PLURAL, "alices")
+
+
+def create_as_alice(stack: Stack, tmp_path: Path, name: str, **spec: Any) -> subprocess.CompletedProcess[str]:
+    body = yaml.safe_load(EXAMPLE_JOB.read_text().replace("${S3_ENDPOINT}", stack.info.s3_endpoint))
+    manifest = tmp_path / f"{name}.yaml"
+    changes = {"metadata": {"name": name}, "spec": {"suspend": True, **spec}}
+    manifest.write_text(yaml.safe_dump(deep_merge(body, changes)))
+    return stack.kubectl("create", "-f", str(manifest), "-n", TEAM, "--as", "alice")
+
+
 def test_restricted_namespace_admits_the_trainer_pods(namespaced: Stack) -> None:
     stack = namespaced
     # Pod Security admission is on and enforces the label: a plain pod is refused.
@@ -435,7 +490,7 @@ def test_uninstall_removes_everything_but_the_crd_and_the_jobs(namespaced: Stack
         found: list[str] = []
         for args in (
             [RELEASE_KINDS, "--all-namespaces"],
-            ["clusterroles,clusterrolebindings"],
+            ["clusterroles,clusterrolebindings,mutatingwebhookconfigurations"],
         ):
             result = stack.kubectl("get", *args, "-l", RELEASE_SELECTOR, "-o", "name")
             assert result.returncode == 0, result.stderr
@@ -452,6 +507,8 @@ def test_uninstall_removes_everything_but_the_crd_and_the_jobs(namespaced: Stack
         "rolebinding",
         "clusterrole",
         "clusterrolebinding",
+        "secret",
+        "mutatingwebhookconfiguration",
     }
 
     result = stack.helm("uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait", "--timeout", "2m")
@@ -513,6 +570,7 @@ def test_cluster_wide_install_handles_jobs_in_any_namespace(stack: Stack, tmp_pa
         assert result.stdout.strip() == answer, (verb, resource, result.stdout, result.stderr)
 
     # A suspended job: the Job is created without starting a pod.
+    wait_for_webhook(stack, anywhere)
     create_example_job(stack, anywhere, "anywhere", suspend=True)
     job = wait_for_training_job(stack, anywhere, "anywhere")
     assert job.metadata.owner_references[0].kind == "FineTuneJob"

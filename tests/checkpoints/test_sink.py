@@ -57,6 +57,8 @@ def test_background_uploads_drain_and_remove_local_copies_only_after_commit(
     assert staged_at_commit == [("checkpoint-1", True), ("checkpoint-3", True)]
     assert not any(staging.iterdir()), "committed checkpoints leave no local copy"
     assert [(e.kind, e.step) for e in events] == [("committed", 1), ("committed", 3)]
+    manifests = [store.read_manifest(c) for c in store.checkpoints() if c.committed]
+    assert [e.info.time for e in events] == [m.created for m in manifests], "status.checkpoint.time"
 
 
 def test_failed_upload_keeps_local_copy_and_close_retries_it(
@@ -139,6 +141,7 @@ def test_final_artifact_is_committed_with_its_manifest(
     bucket = config.checkpoints.store.bucket
     assert info is not None and info.uri == f"s3://{bucket}/{PREFIX}/final" and info.verified
     manifest = store.read_manifest(store.final())
+    assert info.time == manifest.created
     assert manifest.kind == "final" and manifest.step == 8 and manifest.metrics == {"eval_loss": 1.25}
     paths = {f.path for f in manifest.files}
     assert {"adapter_model.safetensors", "README.md", "training_config.json"} <= paths

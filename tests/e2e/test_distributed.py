@@ -1,9 +1,14 @@
-"""Full fine-tuning with DeepSpeed ZeRO-2 across two pods, and QLoRA, through the operator."""
+"""Full fine-tuning with DeepSpeed ZeRO-2 and ZeRO-3 across two pods, and QLoRA, through the operator."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,7 +50,9 @@ def all_exited(core: client.CoreV1Api, namespace: str) -> list[Any] | None:
     return pods if pods and all(p.status.phase in ("Succeeded", "Failed") for p in pods) else None
 
 
-def test_zero2_full_fine_tune_across_two_pods(
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_full_fine_tune_across_two_pods(
+    stage: int,
     launch: Any,
     job_status: Status,
     pod_logs: Callable[[], str],
@@ -53,13 +60,14 @@ def test_zero2_full_fine_tune_across_two_pods(
     cluster: ClusterInfo,
     namespace: str,
 ) -> None:
+    name = f"ds-zero{stage}"
     obj = launch(
-        "ds-two",
-        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
+        name,
+        method={"type": "full", "deepspeed": {"stage": stage}, "allowSmallDataFullFineTune": True},
         resources={"nodes": 2, "gpusPerNode": 1},
         **SHORT,
     )
-    status = run_to_the_end("ds-two", job_status, pod_logs)
+    status = run_to_the_end(name, job_status, pod_logs)
     assert status["method"]["type"] == "full"
 
     # A pod's phase can trail the Job's completion by a moment.
@@ -82,9 +90,10 @@ def test_zero2_full_fine_tune_across_two_pods(
     assert status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == 30
 
-    # One uploader: a verified checkpoint and one final artifact with full weights.
+    # One uploader: a verified checkpoint (ZeRO-3's gathered into whole weights, which the restore
+    # check loads) and one final artifact with full weights.
     assert status["checkpoint"]["verified"] is True
-    prefix = f"checkpoints/{namespace}/ds-two/{obj['metadata']['uid']}/"
+    prefix = f"checkpoints/{namespace}/{name}/{obj['metadata']['uid']}/"
     keys = [o["Key"] for o in s3_client(cluster).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
     assert [k for k in keys if "/checkpoints/" in k and k.endswith("/VERIFIED")], keys
     assert [k for k in keys if "/final/" in k and k.endswith("model.safetensors")], keys
@@ -101,3 +110,142 @@ def test_qlora_job_succeeds(launch: Any, job_status: Status, pod_logs: Callable[
     assert status["method"]["type"] == "qlora"
     assert status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
     assert status["checkpoint"]["verified"] is True
+
+
+def rank_pid(job_uid: str, rank: int) -> int | None:
+    """The trainer process of one pod of the job: its environment carries JOB_ID and NODE_RANK."""
+    wanted = {f"JOB_ID={job_uid}".encode(), f"NODE_RANK={rank}".encode()}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and wanted <= set((entry / "environ").read_bytes().split(b"\0")):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def verified_mid_run(job_status: Status, name: str) -> dict[str, Any] | None:
+    status = job_status(name)
+    checkpoint = status.get("checkpoint") or {}
+    return status if checkpoint.get("verified") and status.get("phase") == "Training" else None
+
+
+def committed_manifests(cluster: ClusterInfo, prefix: str) -> list[dict[str, Any]]:
+    s3 = s3_client(cluster)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+    found = [k for k in keys if re.search(r"/step-\d+/MANIFEST\.json$", k)]
+    return [json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in found]
+
+
+def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
+    launch: Any,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    namespace: str,
+) -> None:
+    started = time.monotonic()
+    steps = 60
+    obj = launch(
+        "ds-kill",
+        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
+        resources={"nodes": 2, "gpusPerNode": 1},
+        hyperparameters={"epochs": 1, "maxSteps": steps, "learningRate": 0.003},
+        checkpoints=SHORT["checkpoints"],
+        goal=SHORT["goal"],
+    )
+    uid = obj["metadata"]["uid"]
+    before = wait_for(
+        lambda: verified_mid_run(job_status, "ds-kill"), 300, "a verified checkpoint", describe=pod_logs
+    )
+    pid = rank_pid(uid, 1)
+    assert pid is not None, pod_logs()
+    os.kill(pid, signal.SIGKILL)  # rank 1's pod: an OOM kill or a lost node
+    # Rank 0 notices that its peer is gone and ends instead of waiting on a collective for minutes,
+    # so the Job brings both ranks back.
+    wait_for(
+        lambda: len(re.findall("resuming at step", pod_logs(tail=None))) == 2,
+        300,
+        "both ranks of the retry to resume",
+        describe=pod_logs,
+    )
+
+    status = run_to_the_end("ds-kill", job_status, pod_logs)
+    assert status["restarts"] >= 1, status
+    logs = pod_logs(tail=None)
+    # Both ranks of the retry resumed from the same checkpoint, at or after the verified one.
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", logs)]
+    assert len(resumed) == 2 and resumed[0] == resumed[1] >= int(before["checkpoint"]["step"]), resumed
+    assert f"rank 1 resumes from checkpoint-{resumed[0]}" in logs
+    # Every configured step ran once in all: the resumed run trained on to exactly `steps`.
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps
+    assert (
+        status["checkpoint"]["verified"] is True
+        and status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
+    )
+
+    # Every committed checkpoint lists both ranks' optimizer partitions and RNG states.
+    manifests = committed_manifests(cluster, f"checkpoints/{namespace}/ds-kill/{uid}/checkpoints/")
+    assert manifests and max(m["step"] for m in manifests) == steps
+    for manifest in manifests:
+        paths = {f["path"] for f in manifest["files"]}
+        assert manifest["world_size"] == 2
+        for rank in (0, 1):
+            assert any(re.search(rf"zero_pp_rank_{rank}_mp_rank_00_optim_states\.pt$", p) for p in paths)
+            assert f"rng_state_{rank}.pth" in paths
+    print(f"two-pod kill and resume: {time.monotonic() - started:.0f}s")
+
+
+def test_suspended_two_pod_job_commits_every_ranks_part_and_resumes(
+    launch: Any,
+    kube: client.ApiClient,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    cluster: ClusterInfo,
+    namespace: str,
+) -> None:
+    started = time.monotonic()
+    steps = 200
+    uid = launch(
+        "ds-pause",
+        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
+        resources={"nodes": 2, "gpusPerNode": 1},
+        hyperparameters={"epochs": 1, "maxSteps": steps, "learningRate": 0.003},
+        checkpoints=SHORT["checkpoints"],
+        goal=SHORT["goal"],
+    )["metadata"]["uid"]
+    wait_for(
+        lambda: verified_mid_run(job_status, "ds-pause"), 300, "a verified checkpoint", describe=pod_logs
+    )
+    custom = client.CustomObjectsApi(kube)
+    patch = {"spec": {"suspend": True}}
+    custom.patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "ds-pause", patch
+    )
+    wait_for(
+        lambda: rank_pid(uid, 0) is None and rank_pid(uid, 1) is None,
+        180,
+        "both trainers to stop",
+        describe=pod_logs,
+    )
+
+    # SIGTERM reached both pods; each stored its part and rank 0 committed the checkpoint.
+    stopped = re.findall(
+        r"rank (\d) stops after SIGTERM: the checkpoint of step (\d+) is stored", pod_logs(tail=None)
+    )
+    assert sorted(rank for rank, _ in stopped) == ["0", "1"] and stopped[0][1] == stopped[1][1], stopped
+    step = int(stopped[0][1])
+    manifests = committed_manifests(cluster, f"checkpoints/{namespace}/ds-pause/{uid}/checkpoints/")
+    [saved] = [m for m in manifests if m["step"] == step]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f["path"] for f in saved["files"]}
+
+    patch = {"spec": {"suspend": False}}
+    custom.patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "ds-pause", patch
+    )
+    status = run_to_the_end("ds-pause", job_status, pod_logs)
+    resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", pod_logs(tail=None))]
+    assert resumed == [step, step], resumed
+    assert status["progress"]["step"] == steps
+    print(f"two-pod suspend and resume: {time.monotonic() - started:.0f}s")

@@ -29,7 +29,7 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     operator: Any,
     namespace: str,
 ) -> None:
-    obj = launch("support-bot")
+    obj = launch("support-bot", output={"mergeAdapter": True})
     status = wait_for(
         lambda: (s := job_status("support-bot")).get("phase") in ("Succeeded", "Failed") and s,
         600,
@@ -46,6 +46,8 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     assert status["final"]["exact_match"] >= status["baseline"]["exact_match"] + 0.3
     assert status["final"]["eval_loss"] <= status["baseline"]["eval_loss"]
     assert status["checkpoint"]["verified"] is True
+    assert status["startTime"] <= status["checkpoint"]["time"] <= status["completionTime"], status
+    assert "merged weights saved under final/merged/" in status["message"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
     assert status["predictions"]["failed"] == 0
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -60,6 +62,10 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     keys = [o["Key"] for o in s3_client(cluster).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
     assert [k for k in keys if k.endswith("/VERIFIED")], keys
     assert any("/final/" in k and k.endswith("MANIFEST.json") for k in keys), keys
+    assert any(k.endswith("/final/merged/model.safetensors") for k in keys), keys
+    card = next(k for k in keys if k.endswith("/final/README.md"))
+    card_text = s3_client(cluster).get_object(Bucket=BUCKET, Key=card)["Body"].read().decode()
+    assert f"(uid `{obj['metadata']['uid']}`)" in card_text and "| exact_match |" in card_text
 
     # The operator's metrics know the job's phase.
     with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
@@ -70,6 +76,6 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     persistence = core.read_namespaced_secret("persistence", namespace).data["serviceRoleKey"]
     secret_values = [cluster.s3_secret_key, base64.b64decode(persistence).decode()]
     surfaces = json.dumps(status) + " ".join(events_for(core, namespace, "support-bot")) + pod_logs()
-    surfaces += operator.log_text() + text
+    surfaces += operator.log_text() + text + card_text
     for value in secret_values:
         assert value not in surfaces

@@ -46,6 +46,7 @@ NO_DATA_WITHOUT_GPU = {
     "GPU memory in use": "trainer pods run on CPU here: no GPU memory is allocated or reported",
     "GPU memory by job": "trainer pods run on CPU here: no GPU memory is allocated or reported",
     "GPU memory": "trainer pods run on CPU here: no GPU memory is allocated or reported",
+    "GPU utilization": "trainer pods run on CPU here: there is no GPU to report on",
 }
 
 
@@ -254,6 +255,14 @@ def test_prometheus_shows_a_fine_tune_as_the_dashboard_and_alerts_expect(
 
     assert last('max(finetune_step{namespace="$namespace", job="$job"})') == status["progress"]["totalSteps"]
     assert last('max(finetune_data_examples{namespace="$namespace", job="$job", count="raw"})') == 1500
+    # Set just before the trainer exits: scraped because it keeps /metrics up one more interval.
+    this = 'namespace="$namespace", job="$job"'
+    final_loss = last(f'max(finetune_eval_metric_value{{{this}, metric="eval_loss", split="final"}})')
+    assert final_loss == pytest.approx(status["final"]["eval_loss"], rel=1e-6)
+    # The final artifact is the last checkpoint committed and verified, and it was uploaded.
+    assert last(f"max(finetune_checkpoint_last_committed_step{{{this}}})") == status["checkpoint"]["step"]
+    assert last(f"max(finetune_checkpoint_last_verified_step{{{this}}})") == status["checkpoint"]["step"]
+    assert last(f"sum(finetune_checkpoint_uploaded_bytes_total{{{this}}})") > 0
     phase_now = prometheus.query(f'finetune_job_phase{{namespace="{namespace}", job="{JOB}"}} == 1')
     assert [s["metric"]["phase"] for s in phase_now] == ["Succeeded"]
 

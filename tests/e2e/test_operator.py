@@ -219,3 +219,24 @@ def test_liveness_endpoint_reports_the_refresh_age(operator: Any) -> None:
 
     report = wait_for(healthy, 60, "the liveness endpoint to answer")
     assert 0 <= report["refreshAgeSeconds"] < 300
+
+
+def test_liveness_tracks_the_heartbeat_coming_back_through_the_watch(
+    operator: Any, core: client.CoreV1Api
+) -> None:
+    """The operator rewrites its heartbeat ConfigMap every refresh (15 s); /healthz reports how long
+    ago the watch last delivered it. A watch that delivered nothing would report the operator's
+    whole uptime, which is over 30 s once two beats were written."""
+    import urllib.request
+
+    def beat() -> str | None:
+        try:
+            return str(core.read_namespaced_config_map("finetune-operator-heartbeat", "default").data["time"])
+        except client.ApiException:
+            return None
+
+    first = wait_for(beat, 60, "the first heartbeat")
+    wait_for(lambda: (beat() or first) != first, 60, "a second heartbeat")
+    with urllib.request.urlopen(operator.health_url, timeout=5) as response:
+        report = json.load(response)
+    assert 0 <= report["watchSilenceSeconds"] < 20, report

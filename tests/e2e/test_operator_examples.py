@@ -516,7 +516,7 @@ IMMUTABLE: list[tuple[str, dict[str, Any], str]] = [
     ("model", {"model": {"source": "hf://Qwen/Qwen2.5-1.5B"}}, "spec.model is immutable"),
     ("dataset", {"dataset": {"source": "s3://data/other.jsonl"}}, "spec.dataset is immutable"),
     ("method", {"method": {"type": "qlora", "quantization": {"bits": 4}}}, "spec.method is immutable"),
-    ("user", {"userId": "mallory"}, "spec.userId is recorded once"),
+    ("user", {"userId": "mallory"}, "spec.userId is recorded when the job is created"),
 ]
 
 

@@ -178,6 +178,16 @@ def test_config_map_holds_a_trainer_config_the_trainer_accepts(
     assert config.metrics_port == settings.trainer_metrics_port
 
 
+@pytest.mark.parametrize(("interval", "linger"), [(15.0, 16.0), (2.0, 3.0), (0.0, 0.0)])
+def test_trainers_keep_metrics_up_one_scrape_interval_after_the_run(
+    spec_dict: Callable[..., Spec], job_ref: JobRef, interval: float, linger: float
+) -> None:
+    settings = OperatorSettings(trainer_scrape_interval=interval)
+    children = children_for(spec_dict(), settings, job_ref, is_cloud=False)
+    config = parse_config(json.loads(children["ConfigMap/support-bot-config"]["data"]["config.json"]))
+    assert config.metrics_linger_seconds == linger
+
+
 def test_lora_settings_and_qlora_quantization_reach_the_trainer(
     spec_dict: Callable[..., Spec], settings: OperatorSettings, job_ref: JobRef
 ) -> None:
@@ -196,6 +206,32 @@ def test_lora_settings_and_qlora_quantization_reach_the_trainer(
     assert config.method.type == "qlora" and not config.method.deepspeed.enabled
     assert (config.method.lora.r, config.method.lora.target_modules) == (8, ["q_proj", "v_proj"])
     assert config.method.quantization.compute_dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    ("changes", "is_cloud", "merged"),
+    [
+        ({"method": {"type": "qlora", "quantization": {}}, "output": {"mergeAdapter": True}}, False, True),
+        ({"method": {"type": "lora"}, "output": {"mergeAdapter": True}}, False, True),
+        ({"method": {"type": "lora"}}, False, False),
+        # auto picks full here: its artifact is the whole model already, there is nothing to merge
+        ({"dataset": {"expectedExamples": 20000}, "output": {"mergeAdapter": True}}, True, False),
+    ],
+    ids=["qlora-merge", "lora-merge", "lora-default", "auto-resolved-to-full"],
+)
+def test_merge_request_reaches_the_trainer_only_for_adapters(
+    spec_dict: Callable[..., Spec],
+    settings: OperatorSettings,
+    job_ref: JobRef,
+    changes: Spec,
+    is_cloud: bool,
+    merged: bool,
+) -> None:
+    spec = spec_dict(**changes, environment="cloud" if is_cloud else "onprem")
+    children = children_for(spec, settings, job_ref, is_cloud=is_cloud)
+    config = parse_config(json.loads(children["ConfigMap/support-bot-config"]["data"]["config.json"]))
+    assert config.output.merge_adapter is merged
+    assert (config.method.type == "full") is ("expectedExamples" in json.dumps(changes))
 
 
 def test_config_and_secret_hashes_change_when_their_inputs_change(
@@ -237,7 +273,7 @@ def test_config_and_secret_hashes_change_when_their_inputs_change(
                 "completionMode": "Indexed",
                 "completions": 3,
                 "parallelism": 3,
-                "backoffLimit": 6,
+                "backoffLimit": 18,  # 6 retries of all 3 pods: a lost pod fails its peers too
                 "suspend": True,
             },
         ),

@@ -41,6 +41,8 @@ def test_values_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("FINETUNE_OPERATOR_GPU_MEMORY_GIB", "-1"),
         ("FINETUNE_OPERATOR_TRAINER_RUN_AS_USER", "0"),
         ("FINETUNE_OPERATOR_DEFAULT_MODEL_PARAMETERS", "big"),
+        ("FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL", "fast"),
+        ("FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL", "10m"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(
@@ -49,3 +51,14 @@ def test_bad_values_are_refused_naming_the_setting(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("FINETUNE_OPERATOR_").lower()):
         OperatorSettings()
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("15s", 15), ("2s", 2), ("1m30s", 90), ("500ms", 0.5), ("0s", 0), ("20", 20)],
+)
+def test_the_scrape_interval_reads_like_the_chart_s_podmonitor_interval(
+    monkeypatch: pytest.MonkeyPatch, value: str, seconds: float
+) -> None:
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL", value)
+    assert OperatorSettings().trainer_scrape_interval == pytest.approx(seconds)

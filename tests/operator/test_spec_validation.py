@@ -58,6 +58,11 @@ REFUSED_BY_BOTH: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("neither-value-nor-ref", {"env": [{"name": "MODE"}]}, "exactly one of value or secretKeyRef"),
     ("reserved-env", {"env": [{"name": "JOB_ID", "value": "forged"}]}, "set by the operator"),
+    (
+        "merge-with-full",
+        {"method": {"type": "full"}, "output": {"mergeAdapter": True}},
+        "set output.mergeAdapter: false",
+    ),
     ("reserved-aws-env", {"env": [{"name": "AWS_ACCESS_KEY_ID", "secretKeyRef": SECRET_REF}]}, "operator"),
 ]
 
@@ -132,6 +137,8 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
         {"goal": {"successCriteria": [{"metric": "rougeL", "minImprovement": 0.01}]}},
     ),
     ("cpu-only", {"resources": {"gpusPerNode": 0}}),
+    ("qlora-merged", {"method": {"type": "qlora", "quantization": {}}, "output": {"mergeAdapter": True}}),
+    ("auto-merged", {"output": {"mergeAdapter": True}}),
     ("resume-latest", {"resumeFrom": "latest", "userId": "alice"}),
 ]
 
@@ -197,11 +204,20 @@ def test_immutable_fields_cannot_change_after_creation(
     assert any(phrase in e for e in cel(new, old)), cel(new, old)
 
 
-def test_mutable_fields_can_change_and_user_id_can_be_recorded_once(
-    spec_dict: Callable[..., Spec], cel: Callable[..., list[str]]
-) -> None:
+def test_mutable_fields_can_change(spec_dict: Callable[..., Spec], cel: Callable[..., list[str]]) -> None:
     old = {"spec": spec_dict()}
     assert cel({"spec": spec_dict(suspend=True, backoffLimit=5)}, old) == []
-    assert cel({"spec": spec_dict(userId="alice")}, old) == []
     # Explicitly writing the default method is not a change.
     assert cel({"spec": spec_dict(method={"type": "auto"})}, old) == []
+
+
+def test_user_id_can_be_neither_added_nor_removed_after_creation(
+    spec_dict: Callable[..., Spec], cel: Callable[..., list[str]]
+) -> None:
+    """The admission webhook records the creator at CREATE; an update could otherwise claim a job
+    created without one (webhook off) for anybody."""
+    added = cel({"spec": spec_dict(userId="mallory")}, {"spec": spec_dict()})
+    removed = cel({"spec": spec_dict()}, {"spec": spec_dict(userId="alice")})
+    assert any("spec.userId is recorded when the job is created" in e for e in added), added
+    assert any("spec.userId is recorded when the job is created" in e for e in removed), removed
+    assert cel({"spec": spec_dict(userId="alice")}, {"spec": spec_dict(userId="alice")}) == []

@@ -142,6 +142,22 @@ def test_report_is_copied_into_status() -> None:
     api.FineTuneJobStatus.model_validate(patch)
 
 
+def test_checkpoint_time_is_its_commit_time_never_the_previous_ones() -> None:
+    uri = "s3://ckpt/jobs/ns/bot/uid/checkpoints/step-"
+    committed = CheckpointInfo(uri=uri + "400", step=400, verified=True, time="2026-11-27T08:58:51Z")
+    first = status.status_from_report(full_report(checkpoint=committed))
+    assert first["checkpoint"]["time"] == "2026-11-27T08:58:51Z"
+
+    # step 600 is handed to the uploader, not committed yet; the status is merge-patched
+    handed_over = CheckpointInfo(uri=uri + "600", step=600)
+    patch = status.status_from_report(
+        full_report(checkpoint=handed_over), {"checkpoint": first["checkpoint"]}
+    )
+    assert patch["checkpoint"] == {"uri": uri + "600", "step": 600, "verified": False, "time": None}
+    again = status.status_from_report(full_report(checkpoint=handed_over), {"checkpoint": {"step": 600}})
+    assert "time" not in again["checkpoint"], "nothing to clear: no patch churn"
+
+
 def test_report_end_phases_are_left_to_the_job() -> None:
     assert "phase" not in status.status_from_report(full_report(phase=ReportPhase.SUCCEEDED))
     assert "phase" not in status.status_from_report(full_report(phase=ReportPhase.FAILED))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +62,7 @@ def test_full_fine_tune_beats_the_baseline_and_saves_the_artifact(tiny_model: Pa
     assert json.loads((final / "data_report.json").read_text())["examples"] == 600
     assert "torch" in json.loads((final / "environment.json").read_text())["versions"]
     assert json.loads((final / "training_config.json").read_text())["method"]["type"] == "full"
+    assert_card_states_the_metrics(final)
     assert list((result.out / "prompts").glob("epoch-*.jsonl"))
 
     metrics = (result.out / "metrics.prom").read_text()
@@ -80,7 +82,7 @@ def test_lora_saves_an_adapter_with_the_training_template(
     tiny_model_no_template: Path, tmp_path: Path
 ) -> None:
     """LoRA on a random base checks mechanics; the unmet criterion makes the run exit 3."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_jsonl(synthetic_dataset(120, seed=2, fmt="sharegpt"), tmp_path / "train.jsonl")
     config = base_config(
@@ -94,11 +96,13 @@ def test_lora_saves_an_adapter_with_the_training_template(
         },
     )
     config["dataset"] |= {"format": "sharegpt", "chunking": {"maxTokens": 128, "packing": True}}
+    config["output"] = {"mergeAdapter": True}
     result = run_trainer(config, tmp_path, env=SECRET_ENV)
     assert result.code == ExitCode.SUCCESS_CRITERIA_NOT_MET, result.log[-3000:]
     report = result.report()
     assert report["phase"] == "Failed"
     assert "success criteria not met: exact_match" in report["message"]
+    assert "merged weights saved under final/merged/" in report["message"]
     assert report["final"]["eval_loss"] < report["baseline"]["eval_loss"]
 
     final = result.out / "final"
@@ -106,7 +110,26 @@ def test_lora_saves_an_adapter_with_the_training_template(
     assert not (final / "model.safetensors").exists()
     assert (final / "prompt_template.jinja").read_text() == DEFAULT_TEMPLATE
     assert AutoTokenizer.from_pretrained(final).chat_template == DEFAULT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(final / "merged").chat_template == DEFAULT_TEMPLATE
+    assert AutoModelForCausalLM.from_pretrained(final / "merged").num_parameters() > 0  # no peft needed
+    assert_card_states_the_metrics(final)
+    assert "| exact_match | atLeast 0.9 | NOT met | fail |" in (final / "README.md").read_text()
     assert CANARY not in result.log + all_output_text(result.out)
+
+
+def assert_card_states_the_metrics(final: Path) -> None:
+    """The model card's table and metadata carry the numbers of the metrics sidecar."""
+    from huggingface_hub import ModelCard
+
+    metrics = json.loads((final / "metrics.json").read_text())
+    text = (final / "README.md").read_text()
+    for metric, baseline in metrics["baseline"].items():
+        assert f"| {metric} | {baseline:.4g} | {metrics['final'][metric]:.4g} |" in text, metric
+    data: Any = ModelCard(text).data
+    index = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert index == {
+        f"{m} ({stage})": v for stage in ("baseline", "final") for m, v in metrics[stage].items()
+    }
 
 
 def test_small_data_full_fine_tune_is_refused(tiny_model: Path, tmp_path: Path) -> None:

@@ -53,6 +53,11 @@ def test_round_trip_through_camel_case_json() -> None:
             {"method": {"type": "full", "deepspeed": {"stage": 2, "offload": "optimizer+params"}}},
             "needs stage 3",
         ),
+        (
+            {"method": {"type": "full"}, "output": {"mergeAdapter": True}},
+            "output.mergeAdapter: true with method.type full",
+        ),
+        ({"output": {"maxShardSize": "2 gigs"}}, 'output.maxShardSize: got "2 gigs"'),
     ],
 )
 def test_each_bad_field_is_named_with_value_and_fix(patch: dict[str, object], expected: str) -> None:

@@ -1,4 +1,4 @@
-"""Where a trainer process sits in a multi-pod job, and DeepSpeed ZeRO-2 as two processes on CPU."""
+"""Where a trainer process sits in a multi-pod job, and DeepSpeed ZeRO-2 and 3 as two processes on CPU."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import (
+    HfDeepSpeedConfig,
+    is_deepspeed_zero3_enabled,
+    unset_hf_deepspeed_config,
+)
 
+from finetune_trainer import evaluation
+from finetune_trainer.checkpoints.fingerprint import RestoreCheck
 from finetune_trainer.config import ConfigError
 from finetune_trainer.distributed import SINGLE, rendezvous_from_env
 from finetune_trainer.exitcodes import ExitCode
-from finetune_trainer.testing.cli import Running, base_config, start_trainer
-from finetune_trainer.testing.tiny import synthetic_dataset, write_jsonl
+from finetune_trainer.testing.cli import Result, Running, base_config, start_trainer
+from finetune_trainer.testing.tiny import QUESTION, synthetic_dataset, write_jsonl
 
 # What the operator sets on pod <job>-1 of a two-node job with one GPU per node.
 OPERATOR_ENV = {
@@ -72,7 +81,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_ranks(model: Path, tmp_path: Path, **hyperparameters: object) -> list[Running]:
+def start_ranks(
+    model: Path,
+    tmp_path: Path,
+    stage: int = 2,
+    metrics: tuple[str, ...] = ("eval_loss",),
+    validation: dict[str, object] | None = None,
+    **hyperparameters: object,
+) -> list[Running]:
     """Two trainer processes of one job, rank 1 first (it waits for rank 0 to evaluate the baseline)."""
     data = write_jsonl(synthetic_dataset(600, seed=0), tmp_path / "train.jsonl")
     local = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
@@ -85,18 +101,33 @@ def start_ranks(model: Path, tmp_path: Path, **hyperparameters: object) -> list[
             data,
             out,
             "full",
-            goal={"metrics": ["eval_loss"], "successCriteria": [{"metric": "eval_loss", "maxRegression": 0}]},
+            goal={"metrics": list(metrics), "successCriteria": [{"metric": "eval_loss", "maxRegression": 0}]},
             hyperparameters={"batchSize": 8, "learningRate": 3e-3, "loggingSteps": 5, **hyperparameters},
             checkpoints={"everySteps": 10},
+            validation=validation or {},
         )
-        config["method"] |= {"allowSmallDataFullFineTune": True, "deepspeed": {"enabled": True, "stage": 2}}
+        config["method"] |= {
+            "allowSmallDataFullFineTune": True,
+            "deepspeed": {"enabled": True, "stage": stage},
+        }
         running.append(start_trainer(config, out, env | {"NODE_RANK": str(rank)}))
     return running
 
 
+def finish_all(running: list[Running], timeout: float) -> list[Result]:
+    """Every rank's result; ranks still running after `timeout` (a rank waiting in a collective
+    that another never entered) are killed, so a deadlock fails the test instead of hanging it."""
+    try:
+        return [r.finish(timeout=timeout) for r in running]
+    finally:
+        for r in running:
+            if r.process.poll() is None:
+                r.process.kill()
+                r.process.wait()
+
+
 def test_zero2_trains_as_two_processes_and_only_rank_0_reports(tiny_model: Path, tmp_path: Path) -> None:
-    running = start_ranks(tiny_model, tmp_path, maxSteps=20)
-    results = [r.finish(timeout=300) for r in running]
+    results = finish_all(start_ranks(tiny_model, tmp_path, maxSteps=20), timeout=300)
     rank1, rank0 = results
     assert [r.code for r in results] == [ExitCode.SUCCEEDED, ExitCode.SUCCEEDED], rank0.log[-3000:]
     for rank, result in ((0, rank0), (1, rank1)):
@@ -123,8 +154,72 @@ def test_sigterm_to_one_pod_stops_both_ranks_at_the_same_checkpoint(tiny_model: 
     rank1, rank0 = start_ranks(tiny_model, tmp_path, maxSteps=400)
     rank1.wait_for(r'progress: \{"step":5,', timeout=240)
     rank1.process.send_signal(signal.SIGTERM)
-    results = [r.finish(timeout=240) for r in (rank1, rank0)]
+    results = finish_all([rank1, rank0], timeout=240)
     assert [r.code for r in results] == [ExitCode.PREEMPTED_CHECKPOINTED] * 2, results[1].log[-3000:]
     saved = [sorted(p.name for p in (r.out / "checkpoints").glob("checkpoint-*")) for r in results]
     assert saved[0] == saved[1] and saved[0], saved
     assert "preempted: checkpoint of step" in json.dumps(results[1].report())
+
+
+def test_zero3_generates_on_both_ranks_and_saves_whole_weights(tiny_model: Path, tmp_path: Path) -> None:
+    """ZeRO-3 splits every weight between the ranks: evaluation and generation run on both in
+    lockstep, rank 0 alone reports, and the saved model holds all of each weight."""
+    validation = {
+        "prompts": [f"{QUESTION}\n\napple river stone"],
+        "heldOutScenarios": [{"prompt": f"{QUESTION}\n\nisland lemon raven", "expect": "south"}],
+    }
+    running = start_ranks(
+        tiny_model,
+        tmp_path,
+        stage=3,
+        metrics=("eval_loss", "exact_match"),
+        validation=validation,
+        epochs=2,
+    )
+    rank1, rank0 = finish_all(running, timeout=420)
+    assert [rank0.code, rank1.code] == [ExitCode.SUCCEEDED] * 2, rank0.log[-3000:] + rank1.log[-3000:]
+
+    report = rank0.report()
+    assert report["phase"] == "Succeeded"
+    assert report["final"]["eval_loss"] < report["baseline"]["eval_loss"]
+    # Task metrics and prompts come from generating with the sharded weights, on both ranks.
+    assert report["final"]["exact_match"] > report["baseline"]["exact_match"] + 0.2
+    assert "scenario_pass_rate" in report["final"]
+    assert {c["name"] for c in report["predictions"]["checks"]} >= {"non_empty", "expected_answer"}
+    assert sorted(p.name for p in (rank0.out / "prompts").iterdir()) == [
+        "epoch-1.jsonl",
+        "epoch-2.jsonl",
+        "final.jsonl",
+    ]
+    assert not (rank1.out / "progress.json").exists()
+    assert not (rank1.out / "final").exists() and not (rank1.out / "prompts").exists()
+
+    # The artifact and the last checkpoint hold the gathered weights: they load with transformers,
+    # agree, and answer the prompts exactly as the run's final diagnostic recorded.
+    final = AutoModelForCausalLM.from_pretrained(rank0.out / "final")
+    last = rank0.out / "checkpoints" / f"checkpoint-{report['progress']['step']}"
+    checkpoint = AutoModelForCausalLM.from_pretrained(last)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    for name, weight in final.state_dict().items():
+        assert weight.shape == base[name].shape, name
+        assert torch.equal(weight, checkpoint.state_dict()[name]), name
+    assert not all(torch.equal(w, base[n]) for n, w in final.state_dict().items())
+    recorded = [json.loads(line) for line in (rank0.out / "prompts" / "final.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(rank0.out / "final")
+    prompts = [evaluation.user_prompt(tokenizer, r["prompt"]) for r in recorded]
+    outputs = evaluation.generate(final, tokenizer, prompts, max_new_tokens=8)
+    assert [o.text for o in outputs] == [r["output"] for r in recorded] != ["", ""]
+
+
+def test_restore_check_of_a_zero3_trainer_loads_the_checkpoint_whole(tiny_model: Path) -> None:
+    """Rank 0 verifies checkpoints while the other ranks train: loading one must not partition it
+    across the ranks, as transformers does for every model loaded in a ZeRO-3 process."""
+    whole = RestoreCheck()(tiny_model)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    zero3 = HfDeepSpeedConfig(ds_config)  # type: ignore[no-untyped-call]  # kept: held by a weak reference
+    try:
+        assert is_deepspeed_zero3_enabled()  # type: ignore[no-untyped-call]
+        assert RestoreCheck()(tiny_model) == pytest.approx(whole, rel=1e-5)
+    finally:
+        unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+        del zero3

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from finetune_trainer.config import (
     CONFIG_PATH_ENV,
@@ -20,6 +21,10 @@ from finetune_trainer.config import (
 )
 from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.redact import RedactingFilter, redact
+
+if TYPE_CHECKING:
+    from finetune_trainer.distributed import Rendezvous
+    from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
 log = logging.getLogger("finetune_trainer")
 
@@ -60,12 +65,7 @@ def run_config(config: TrainerConfig) -> ExitCode:
             ]
         )
     from finetune_trainer import distributed
-    from finetune_trainer.data.errors import DataError
-    from finetune_trainer.methods.loading import MethodError
-    from finetune_trainer.report_model import Phase
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
-    from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
-    from finetune_trainer.train import run
 
     try:
         rendezvous = distributed.rendezvous_from_env(os.environ, distributed.cuda_devices())
@@ -76,6 +76,22 @@ def run_config(config: TrainerConfig) -> ExitCode:
     flags = runtime.log_startup(config, rendezvous=rendezvous)
     metrics.set_runtime(flags | runtime.library_versions())
     metrics.serve(config.metrics_port)  # on $POD_IP when set
+    code = train_and_report(config, metrics, reporter, rendezvous)
+    if code != ExitCode.PREEMPTED_CHECKPOINTED:  # also when only another rank got the SIGTERM
+        metrics.linger(config.metrics_linger_seconds)  # the pod's last values reach Prometheus
+    return code
+
+
+def train_and_report(
+    config: TrainerConfig, metrics: TrainerMetrics, reporter: ProgressReporter, rendezvous: Rendezvous
+) -> ExitCode:
+    """The run's exit code; a failure is logged and reported in the job's status first."""
+    from finetune_trainer.data.errors import DataError
+    from finetune_trainer.methods.loading import MethodError
+    from finetune_trainer.report_model import Phase
+    from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
+    from finetune_trainer.train import run
+
     try:
         return run(config, metrics, reporter, rendezvous)
     except (ConfigError, MethodError) as exc:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from finetune_trainer import evaluation
+from finetune_trainer import distributed, evaluation, termination
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.report_model import Phase, Progress
 from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
@@ -22,6 +22,7 @@ from finetune_trainer.sink import CheckpointSink
 
 log = logging.getLogger(__name__)
 DIVERGENCE_WARMUP_LOGS = 3  # early losses swing; judge spikes after a few logs
+_STEP_DIR = re.compile(r"checkpoint-(\d+)$")
 
 
 @dataclass
@@ -77,7 +78,7 @@ class ProgressCallback(TrainerCallback):
         m.labels(m.epoch).set(state.epoch or 0.0)
         m.labels(m.tokens_per_second).set(steps_per_s * self.tokens_per_step)
         m.labels(m.samples_per_second).set(steps_per_s * self.samples_per_step)
-        m.set_gpu_memory()
+        m.set_gpu_usage()
         if "learning_rate" in logs:
             m.labels(m.learning_rate).set(logs["learning_rate"])
         if "loss" in logs:
@@ -153,17 +154,26 @@ class PromptsCallback(TrainerCallback):
         model: Any = None,
         **kw: Any,
     ) -> None:
-        if model is None or not self.config.validation.every_epoch or not state.is_world_process_zero:
+        if model is None or not self.config.validation.every_epoch:
             return
+        main = state.is_world_process_zero
+        if not main and not evaluation.sharded(model):
+            return  # rank 0 generates alone with its whole copy of the weights
         predictions = diagnose_model(
-            self.config, model, self.tokenizer, self.out_dir / "prompts", f"epoch-{round(state.epoch or 0)}"
+            self.config,
+            model,
+            self.tokenizer,
+            self.out_dir / "prompts" if main else None,
+            f"epoch-{round(state.epoch or 0)}",
         )
-        self.metrics.set_predictions(predictions)
-        self.reporter.update(predictions=predictions)
+        if main:
+            self.metrics.set_predictions(predictions)
+            self.reporter.update(predictions=predictions)
 
 
-def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Path, name: str) -> Any:
-    """Generate validation prompts and scenarios, store them as JSONL, return the diagnostic."""
+def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Path | None, name: str) -> Any:
+    """Generate validation prompts and scenarios, store them as JSONL in `folder` (when given: the
+    other ranks of sharded weights only take part in generating), return the diagnostic."""
     v = config.validation
     texts = [*v.prompts, *(s.prompt for s in v.held_out_scenarios)]
     expected: list[str | None] = [None] * len(v.prompts) + [s.expect for s in v.held_out_scenarios]
@@ -172,6 +182,8 @@ def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Pa
     outputs = evaluation.generate(
         model, tokenizer, [evaluation.user_prompt(tokenizer, t) for t in texts], v.max_new_tokens
     )
+    if folder is None:
+        return evaluation.diagnose(texts, outputs, expected)
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / f"{name}.jsonl").open("w", encoding="utf-8") as out:
         for text, output in zip(texts, outputs, strict=True):
@@ -180,7 +192,8 @@ def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Pa
 
 
 class CheckpointCallback(TrainerCallback):
-    """After each save: add sidecar files and hand the folder to the sink (world rank 0 only).
+    """After each save: add sidecar files and hand the folder to the sink. In a multi-process job
+    every rank hands over its folder: each stores its own part (see `checkpoints.parts`).
 
     With `live_fingerprint`, the live model's restore fingerprint is written into the folder first,
     so verification proves the stored files restore the model that was training. Without it the
@@ -204,13 +217,18 @@ class CheckpointCallback(TrainerCallback):
     ) -> None:
         self.run.checkpoint_steps.append(state.global_step)
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        if not state.is_world_process_zero or not folder.is_dir():
-            return  # one uploader per job; other nodes' ZeRO shards need a shared output volume
+        if folder.is_dir() and state.is_world_process_zero:
+            self._hand_over(folder, state, kw.get("model"))
+        elif folder.is_dir():
+            self.sink.save(folder, state.global_step, {})
+            prune_local_checkpoints(folder.parent, args.save_total_limit)
+        distributed.patient_barrier()  # rank 0 may be verifying the first checkpoint meanwhile
+
+    def _hand_over(self, folder: Path, state: TrainerState, model: Any) -> None:
         if self.run.preempted:
             self.sink.defer_verification()
         for sidecar in self.sidecar_dir.glob("*.j*"):  # json and jinja sidecars
             shutil.copy2(sidecar, folder / sidecar.name)
-        model = kw.get("model")
         if self.live_fingerprint and model is not None and next(model.parameters()).device.type == "cpu":
             from finetune_trainer.checkpoints.fingerprint import write_fingerprint
 
@@ -218,6 +236,18 @@ class CheckpointCallback(TrainerCallback):
         info = self.sink.save(folder, state.global_step, _last_metrics(state))
         if info is not None:
             self.reporter.update(checkpoint=info)
+
+
+def prune_local_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """transformers rotates checkpoint folders on rank 0 only; the other ranks' folders hold their
+    parts, which their sink has copied for upload, so only the newest `keep` are kept."""
+    if not keep:
+        return
+    folders = sorted(
+        (int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _STEP_DIR.search(p.name))
+    )
+    for _, old in folders[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _last_metrics(state: TrainerState) -> dict[str, float]:
@@ -230,17 +260,12 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self, run: RunState) -> None:
         self.run = run
-        self._signalled = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
-        self._signalled = True
+        termination.catch_sigterm()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        if signalled_on_any_rank(self._signalled):
+        if signalled_on_any_rank(termination.requested()):
             self.run.preempted = True
             control.should_save = True
             control.should_training_stop = True

@@ -267,6 +267,19 @@ class Validation(_Spec):
     )
 
 
+class Output(_Spec):
+    """The final artifact beyond the adapter or model: merged weights on request."""
+
+    merge_adapter: bool = Field(
+        default=False, description="lora, qlora: also save base + adapter merged, under final/merged/"
+    )
+    max_shard_size: str = Field(
+        default="5GB",
+        pattern=r"^[0-9]+(KB|MB|GB)$",
+        description="largest safetensors file of the merged weights",
+    )
+
+
 class Report(_Spec):
     config_map: str | None = Field(default=None, description="ConfigMap that receives progress.json")
     namespace: str | None = Field(default=None, description="defaults to job.namespace")
@@ -283,8 +296,16 @@ class TrainerConfig(_Spec):
     environment: Environment = Field(default_factory=Environment)
     checkpoints: Checkpoints = Field(default_factory=Checkpoints)
     validation: Validation = Field(default_factory=Validation)
+    output: Output = Field(default_factory=Output)
     report: Report = Field(default_factory=Report)
     metrics_port: int = Field(default=9400, ge=0, le=65535, description="0 disables the metrics server")
+    metrics_linger_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        le=600,
+        description="after the run (not after SIGTERM), /metrics stays up this long: at least one scrape "
+        "interval, so the final values are collected",
+    )
     output_dir: str = Field(default="/workspace/output", min_length=1)
     required_env: list[str] = Field(default_factory=list, description="env var names that must be set")
 
@@ -292,6 +313,11 @@ class TrainerConfig(_Spec):
     def _method_fits_data(self) -> TrainerConfig:
         if self.dataset.format == "audio" and self.method.type == "qlora":
             raise ValueError("method.type qlora is not supported for format audio; use lora or full")
+        if self.output.merge_adapter and self.method.type == "full":
+            raise ValueError(
+                "output.mergeAdapter: true with method.type full: there is no adapter to merge "
+                "(fix: set output.mergeAdapter: false, or method.type lora or qlora)"
+            )
         return self
 
     def to_json(self) -> str:

@@ -19,6 +19,11 @@ from finetune_trainer.config import ConfigError
 log = logging.getLogger(__name__)
 SHARED_MEMORY_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
 JOIN_TIMEOUT = timedelta(minutes=30)  # rank 0 evaluates the baseline while the others wait
+# Once joined, a rank that waits this long on a collective gives up: its peer is gone (a killed pod
+# whose connections were never closed, a lost node), and the Job retries every rank, which resumes
+# from the last committed checkpoint. Rank 0's longest lone work in training is verifying the
+# first checkpoint.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,7 @@ def join(r: Rendezvous, cuda: bool) -> None:
         dist.init_process_group(
             name, init_method="env://", rank=r.rank, world_size=r.world_size, timeout=JOIN_TIMEOUT
         )
+        dist.set_timeout(COLLECTIVE_TIMEOUT)
     else:  # one process: an in-memory store, so no port is taken on a host that pods share
         dist.init_process_group(name, store=HashStore(), rank=0, world_size=1)
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -182,6 +188,44 @@ def barrier(r: Rendezvous) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def patient_barrier() -> None:
+    """Wait for every rank as long as joining may take: after a checkpoint is saved, rank 0 may
+    upload and verify it (the first one) while the others wait, longer than COLLECTIVE_TIMEOUT."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dist.set_timeout(JOIN_TIMEOUT)
+    try:
+        dist.barrier()
+    finally:
+        dist.set_timeout(COLLECTIVE_TIMEOUT)
+
+
+def share_from_main(r: Rendezvous, value: dict[str, str]) -> dict[str, str]:
+    """Rank 0's `value` on every rank (the other ranks' `value` is ignored)."""
+    if not r.multi_process:
+        return value
+    import torch.distributed as dist
+
+    box: list[object] = [value]
+    dist.broadcast_object_list(box, src=0)
+    shared: dict[str, str] = box[0]  # type: ignore[assignment]
+    return shared
+
+
+def all_ranks_ok(r: Rendezvous, ok: bool) -> bool:
+    """Whether every rank reports `ok`; each rank must call it."""
+    if not r.multi_process:
+        return ok
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def leave() -> None:

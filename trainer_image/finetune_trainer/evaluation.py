@@ -89,14 +89,41 @@ class Generation:
     stopped: bool  # ended with EOS before max_new_tokens
 
 
+def sharded(model: Any) -> bool:
+    """Whether ZeRO-3 splits the model's weights across processes. Each forward pass then gathers
+    them from every rank, so every rank must run the same forward passes, in the same order."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return False
+    return hasattr(next(model.parameters()), "ds_id")  # set on every parameter ZeRO-3 partitions
+
+
+def finished_everywhere(finished: bool, synced: bool, device: Any) -> bool:
+    """Whether generation may stop: on sharded weights, only once every rank has finished, since a
+    rank that stops early leaves the others waiting for its share of the weights."""
+    if not synced:
+        return finished
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(finished)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
-    """Greedy generations for rendered prompts, one at a time (no padding effects)."""
+    """Greedy generations for rendered prompts, one at a time (no padding effects).
+
+    On sharded weights every rank calls this with the same prompts; `synced_gpus` keeps a rank
+    that reached EOS running forward passes until every rank has finished its prompt."""
     import torch
 
     was_training = model.training
     model.eval()
     results = []
     device = next(model.parameters()).device
+    synced = sharded(model)
     with torch.no_grad():
         for prompt in prompts:
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
@@ -108,6 +135,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
                 use_cache=True,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced,
             )
             new = out[0, ids.shape[1] :].tolist()
             stopped = tokenizer.eos_token_id in new

@@ -72,6 +72,7 @@ class CheckpointInfo(_Doc):
     uri: str
     step: int
     verified: bool = False
+    time: str | None = Field(default=None, description="when its manifest was committed (UTC); None before")
 
 
 class CheckResult(_Doc):

@@ -11,8 +11,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Info, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    start_http_server,
+)
 
+from finetune_trainer import termination
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.redact import redact
 from finetune_trainer.report_model import PROGRESS_KEY, DataSummary, Predictions, TrainerReport
@@ -21,15 +30,19 @@ log = logging.getLogger(__name__)
 LABELS = ("namespace", "job")
 POD_IP_ENV = "POD_IP"  # the operator sets it from the pod's status.podIP
 MAX_NOTICES = 5
+# From a LoRA adapter on a fast network to full weights of a large model on a slow one.
+UPLOAD_SECONDS_BUCKETS = (0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+LINGER_POLL_S = 0.2
 
 
 class TrainerMetrics:
-    """Gauges with `finetune_` prefix, units in names, labels namespace and job only (plus a bounded
-    metric or check name)."""
+    """Metrics with `finetune_` prefix, units in names, labels namespace and job only (plus a bounded
+    metric, check or device name)."""
 
     def __init__(self, namespace: str, job: str) -> None:
         self.registry = CollectorRegistry()
         self._labels = {"namespace": namespace, "job": job}
+        self._server: Any = None
         r = self.registry
         self.train_loss = Gauge("finetune_train_loss", "Training loss", LABELS, registry=r)
         self.eval_loss = Gauge("finetune_eval_loss", "Validation loss", LABELS, registry=r)
@@ -52,6 +65,21 @@ class TrainerMetrics:
             (*LABELS, "device"),
             registry=r,
         )
+        self.gpu_memory_reserved = Gauge(
+            "finetune_gpu_memory_reserved_bytes",
+            "GPU memory held by PyTorch's caching allocator",
+            (*LABELS, "device"),
+            registry=r,
+        )
+        self.gpu_utilization = Gauge(
+            "finetune_gpu_utilization_ratio",
+            "Fraction of the last sample period a kernel ran on the GPU (NVML)",
+            (*LABELS, "device"),
+            registry=r,
+        )
+        self._gpu_utilization_works = True
+        self._committed_step = 0
+        self._checkpoint_metrics(r)
         self.data = Gauge("finetune_data_examples", "Data report counts", (*LABELS, "count"), registry=r)
         self.prediction_check = Gauge(
             "finetune_predictions_check_passed",
@@ -63,8 +91,48 @@ class TrainerMetrics:
             "finetune_trainer_runtime", "Trainer runtime flags and versions", LABELS, registry=r
         )
 
-    def labels(self, gauge: Gauge, **extra: str) -> Any:
-        return gauge.labels(**self._labels, **extra)
+    def _checkpoint_metrics(self, r: CollectorRegistry) -> None:
+        self.upload_seconds = Histogram(
+            "finetune_checkpoint_upload_duration_seconds",
+            "Time to store a checkpoint's files and manifest",
+            LABELS,
+            buckets=UPLOAD_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.uploaded_bytes = Counter(
+            "finetune_checkpoint_uploaded_bytes", "Bytes of committed checkpoint files", LABELS, registry=r
+        )
+        for family in (self.upload_seconds, self.uploaded_bytes):
+            self.labels(family)  # at 0 from the start, so increase() counts the first upload
+        # The operator also serves finetune_checkpoint_last_verified_step (from the job's status);
+        # both say the same, so `max by (namespace, job)` combines them.
+        self.committed_step = Gauge(
+            "finetune_checkpoint_last_committed_step",
+            "Step of the last committed checkpoint",
+            LABELS,
+            registry=r,
+        )
+        self.committed_at = Gauge(
+            "finetune_checkpoint_last_committed_timestamp_seconds",
+            "When the last checkpoint's manifest was written (Unix time)",
+            LABELS,
+            registry=r,
+        )
+        self.verified_step = Gauge(
+            "finetune_checkpoint_last_verified_step",
+            "Step of the last verified checkpoint",
+            LABELS,
+            registry=r,
+        )
+        self.verified_at = Gauge(
+            "finetune_checkpoint_last_verified_timestamp_seconds",
+            "When the last checkpoint passed its restore check (Unix time)",
+            LABELS,
+            registry=r,
+        )
+
+    def labels(self, family: Any, /, **extra: str) -> Any:
+        return family.labels(**self._labels, **extra)
 
     def set_runtime(self, info: Mapping[str, str]) -> None:
         self.runtime.labels(**self._labels).info(dict(info))
@@ -84,12 +152,40 @@ class TrainerMetrics:
         for check in predictions.checks:
             self.labels(self.prediction_check, check=check.name).set(1.0 if check.passed else 0.0)
 
-    def set_gpu_memory(self) -> None:
+    def checkpoint_committed(self, step: int, upload_seconds: float, upload_bytes: int) -> None:
+        self.labels(self.upload_seconds).observe(upload_seconds)
+        self.labels(self.uploaded_bytes).inc(upload_bytes)
+        self.labels(self.committed_step).set(step)
+        self.labels(self.committed_at).set_to_current_time()
+        self._committed_step = step
+
+    def checkpoint_verified(self, step: int | None) -> None:
+        """`step` None: the final artifact, committed with the last step."""
+        self.labels(self.verified_step).set(self._committed_step if step is None else step)
+        self.labels(self.verified_at).set_to_current_time()
+
+    def set_gpu_usage(self) -> None:
+        """Memory and utilization per visible GPU; nothing at all without CUDA (no fake zeros)."""
         import torch
 
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                self.labels(self.gpu_memory, device=str(i)).set(torch.cuda.max_memory_allocated(i))
+        if not torch.cuda.is_available():
+            return
+        for i in range(torch.cuda.device_count()):
+            device = str(i)
+            self.labels(self.gpu_memory, device=device).set(torch.cuda.max_memory_allocated(i))
+            self.labels(self.gpu_memory_reserved, device=device).set(torch.cuda.memory_reserved(i))
+            self._set_utilization(torch, i)
+
+    def _set_utilization(self, torch: Any, index: int) -> None:
+        if not self._gpu_utilization_works:
+            return
+        try:
+            percent = torch.cuda.utilization(index)
+        except Exception as exc:  # no pynvml in the image, or no NVML driver library
+            self._gpu_utilization_works = False
+            log.info("GPU utilization is not exported: %s", exc)
+            return
+        self.labels(self.gpu_utilization, device=str(index)).set(percent / 100)
 
     def serve(self, port: int, env: Mapping[str, str] | None = None) -> Any:
         """Serve /metrics on the pod IP (pods may share a host's network), else on every address.
@@ -100,7 +196,19 @@ class TrainerMetrics:
         address = env.get(POD_IP_ENV, "").strip() or "0.0.0.0"  # noqa: S104 - no pod IP: all interfaces
         server, _thread = start_http_server(port, addr=address, registry=self.registry)
         log.info("metrics on %s port %d", address, port)
+        self._server = server
         return server
+
+    def linger(self, seconds: float) -> None:
+        """Keep /metrics up a while after the run, so one more scrape collects the final values.
+        Skipped after SIGTERM, and a SIGTERM meanwhile ends it: the grace period is for checkpoints."""
+        if self._server is None or seconds <= 0 or termination.requested():
+            return
+        termination.catch_sigterm()
+        log.info("serving the final metrics for %gs before exiting", seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not termination.requested():
+            time.sleep(min(LINGER_POLL_S, max(0.0, deadline - time.monotonic())))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,7 +19,7 @@ from finetune_trainer.config import TrainerConfig
 from finetune_trainer.report_model import CheckpointInfo
 
 if TYPE_CHECKING:
-    from finetune_trainer.reporting import ProgressReporter
+    from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"checkpoint-(\d+)$")
@@ -44,6 +44,10 @@ class CheckpointEventLike(Protocol):
     def step(self) -> int | None: ...
     @property
     def reason(self) -> str: ...
+    @property
+    def upload_seconds(self) -> float: ...
+    @property
+    def upload_bytes(self) -> int: ...
     @property
     def info(self) -> CheckpointInfo: ...
 
@@ -73,6 +77,15 @@ class CheckpointSink(Protocol):
         the next run verifies a pending checkpoint before it resumes from it."""
         ...
 
+    def agreement(self) -> dict[str, str]:
+        """Multi-process jobs, on rank 0 after `restore`: what the other ranks need to restore the
+        same checkpoint (`restore_agreed`)."""
+        ...
+
+    def restore_agreed(self, work_dir: Path, agreed: Mapping[str, str]) -> Path | None:
+        """Multi-process jobs, on the other ranks: restore the checkpoint rank 0 chose."""
+        ...
+
     def close(self) -> None:
         """Wait until everything handed over is stored."""
         ...
@@ -86,9 +99,11 @@ def latest_local_checkpoint(work_dir: Path) -> Path | None:
 class LocalSink:
     def __init__(self, resume: bool = True) -> None:
         self._resume = resume
+        self._restored: Path | None = None
 
     def restore(self, work_dir: Path) -> Path | None:
-        return latest_local_checkpoint(work_dir) if self._resume else None
+        self._restored = latest_local_checkpoint(work_dir) if self._resume else None
+        return self._restored
 
     def save(self, local_dir: Path, step: int, metrics: Mapping[str, float]) -> CheckpointInfo | None:
         return CheckpointInfo(uri=local_dir.resolve().as_uri(), step=step, verified=False)
@@ -99,15 +114,36 @@ class LocalSink:
     def defer_verification(self) -> None:
         return None
 
+    def agreement(self) -> dict[str, str]:
+        return {"folder": self._restored.name if self._restored else ""}
+
+    def restore_agreed(self, work_dir: Path, agreed: Mapping[str, str]) -> Path | None:
+        """The same folder on this rank's disk: without a store, each rank keeps its own files."""
+        folder = agreed.get("folder", "")
+        if not folder:
+            return None
+        if not (work_dir / folder).is_dir():
+            raise CheckpointRestoreError(
+                f"{work_dir / folder}: rank 0 resumes from {folder}, but this rank has no local copy "
+                "(fix: set checkpoints.store so that every rank's part of each checkpoint is stored)"
+            )
+        return work_dir / folder
+
     def close(self) -> None:
         return None
 
 
-def report_checkpoint_events(reporter: ProgressReporter) -> Callable[[CheckpointEventLike], None]:
-    """Committed and verified checkpoints go to the report's checkpoint; problems to its message,
-    so the job's status shows which checkpoint was not used and why."""
+def report_checkpoint_events(
+    reporter: ProgressReporter, metrics: TrainerMetrics | None = None
+) -> Callable[[CheckpointEventLike], None]:
+    """Committed and verified checkpoints go to the report's checkpoint and to the metrics; problems
+    to the report's message, so the job's status shows which checkpoint was not used and why."""
 
     def handle(event: CheckpointEventLike) -> None:
+        if metrics is not None and event.kind == "committed":
+            metrics.checkpoint_committed(event.step or 0, event.upload_seconds, event.upload_bytes)
+        if metrics is not None and event.kind == "verified":
+            metrics.checkpoint_verified(event.step)
         if event.kind in ("committed", "verified"):
             reporter.update(checkpoint=event.info)
         elif event.kind in PROBLEM_EVENTS:
@@ -119,23 +155,33 @@ def report_checkpoint_events(reporter: ProgressReporter) -> Callable[[Checkpoint
 
 
 def build_sink(
-    config: TrainerConfig, reporter: ProgressReporter, base_model_path: str | None = None
+    config: TrainerConfig,
+    reporter: ProgressReporter,
+    base_model_path: str | None = None,
+    metrics: TrainerMetrics | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> CheckpointSink:
-    """The remote store when one is configured and available, else local disk.
+    """The remote store when one is configured and available, else local disk; for process `rank`
+    of a job of `world_size` processes (each stores its own part of every checkpoint).
 
     `base_model_path` is the resolved (already downloaded) base model, which restore checks of
     LoRA adapters load instead of fetching the base model a second time.
     """
     if not config.checkpoints.store.bucket:
-        return LocalSink()
+        return LocalSink(resume=rank == 0)
     try:
         module = importlib.import_module("finetune_trainer.checkpoints")
     except ModuleNotFoundError:
         log.warning(
             "checkpoints.store.bucket is set but this image has no remote checkpoint store; local only"
         )
-        return LocalSink()
+        return LocalSink(resume=rank == 0)
     sink: CheckpointSink = module.build_sink(
-        config, on_event=report_checkpoint_events(reporter), base_model_path=base_model_path
+        config,
+        on_event=report_checkpoint_events(reporter, metrics),
+        base_model_path=base_model_path,
+        rank=rank,
+        world_size=world_size,
     )
     return sink

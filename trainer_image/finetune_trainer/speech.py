@@ -86,6 +86,7 @@ def transcribe(model: Any, collator: SpeechCollator, clips: Sequence[Clip], max_
     tokenizer = collator.processor.tokenizer
     prefix = [model.config.decoder_start_token_id, *label_ids(tokenizer, "")[:-1]]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    synced = evaluation.sharded(model)
     was_training = model.training
     model.eval()
     try:
@@ -98,7 +99,7 @@ def transcribe(model: Any, collator: SpeechCollator, clips: Sequence[Clip], max_
                 logits = model(encoder_outputs=encoded, decoder_input_ids=ids).logits[:, -1]
                 step = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
                 ids, done = torch.cat([ids, step[:, None]], dim=1), done | (step == eos)
-                if bool(done.all()):
+                if evaluation.finished_everywhere(bool(done.all()), synced, done.device):
                     break
     finally:
         model.train(was_training)

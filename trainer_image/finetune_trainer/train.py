@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import artifacts, distributed, evaluation, speech
+from finetune_trainer import artifacts, distributed, evaluation, final_artifact, speech
 from finetune_trainer.callbacks import (
     CheckpointCallback,
     EvalMetricsCallback,
@@ -36,7 +36,7 @@ from finetune_trainer.methods.loading import (
     load_tokenizer,
     resolve_model_path,
 )
-from finetune_trainer.report_model import MethodInfo, Phase
+from finetune_trainer.report_model import MethodInfo, Phase, Predictions
 from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 from finetune_trainer.runtime import environment_info, set_seeds
 from finetune_trainer.sink import CheckpointRestoreError, CheckpointSink, LocalSink, build_sink
@@ -216,6 +216,7 @@ class Session:
     sink: CheckpointSink
     run: RunState
     rendezvous: Rendezvous = distributed.SINGLE
+    base_model_path: str = ""  # the resolved base model, which merged weights start from
 
 
 def build_trainer(s: Session, work: Workload) -> Any:
@@ -276,8 +277,8 @@ def evaluate_held_out(s: Session, trainer: Any, *, tokenizer: Any, data: Prepare
     if features:  # across every rank of a multi-process run: each evaluates a share
         loss = trainer.evaluate(eval_dataset=features, metric_key_prefix="heldout")["heldout_loss"]
         results |= evaluation.loss_metrics(float(loss))
-    if not s.rendezvous.is_main:
-        return results
+    if not s.rendezvous.is_main and not evaluation.sharded(trainer.model):
+        return results  # rank 0 generates alone with its whole copy of the weights
     goal = s.config.goal
     wanted = set(goal.metrics) | {c.metric for c in goal.success_criteria}
     v = s.config.validation
@@ -420,7 +421,9 @@ def decide(s: Session, baseline: dict[str, float], final: dict[str, float]) -> E
 
 def trainer_and_baseline(s: Session, work: Workload, resume: Path | None) -> tuple[Any, dict[str, float]]:
     """With DeepSpeed, rank 0 evaluates the base model on a plain Trainer before the process group
-    starts: a ZeRO-2 engine cannot evaluate before training, and the numbers mean the same."""
+    starts: a ZeRO-2 engine cannot evaluate before training, and the numbers mean the same.
+    So it does for ZeRO-3: every rank loads the whole model before the engine partitions it, so
+    rank 0's baseline needs no more memory than loading did, and the other ranks only wait."""
     if not s.config.method.deepspeed.enabled:
         if s.rendezvous.multi_process:
             raise MethodError(
@@ -429,12 +432,6 @@ def trainer_and_baseline(s: Session, work: Workload, resume: Path | None) -> tup
             )
         trainer = build_trainer(s, work)
         return trainer, baseline_metrics(s, trainer, work, resume)
-    if s.rendezvous.multi_process and s.config.method.deepspeed.stage == 3:
-        # Rank 0 alone generates (prompts, task metrics); ZeRO-3 weights exist only across all ranks.
-        raise MethodError(
-            f"method.deepspeed.stage: 3 with {s.rendezvous.world_size} processes is not supported yet "
-            "(fix: set method.deepspeed.stage: 2, or resources.nodes: 1)"
-        )
     baseline: dict[str, float] = {}
     if s.rendezvous.is_main:
         baseline = baseline_metrics(s, evaluation_trainer(s.config, s.paths, work), work, resume)
@@ -450,18 +447,24 @@ def _cuda() -> bool:
 
 def train(s: Session, clean: CleanData | None, warnings: list[str], model_path: str) -> ExitCode:
     work = text_workload(s, clean, warnings, model_path) if clean else speech_workload(s, model_path)
-    resume = s.sink.restore(s.paths.checkpoints)
-    if resume is not None and s.rendezvous.multi_process:
-        raise CheckpointRestoreError(
-            f"checkpoint {resume.name}: resuming across {s.rendezvous.nodes} pods is not supported yet: "
-            "only rank 0's share of the ZeRO optimizer state is stored (fix: delete and re-create the "
-            "FineTuneJob to start over, or train with resources.nodes: 1)"
-        )
+    resume = s.sink.restore(s.paths.checkpoints)  # in a multi-process job: rank 0 chooses
     try:
         trainer, baseline = trainer_and_baseline(s, work, resume)
+        resume = restore_on_every_rank(s, resume)
         return train_and_finish(s, trainer, work, baseline, resume)
     finally:
         distributed.leave()
+
+
+def restore_on_every_rank(s: Session, resume: Path | None) -> Path | None:
+    """Once joined, the other ranks restore the checkpoint rank 0 restored: each its own part."""
+    if not s.rendezvous.multi_process:
+        return resume
+    agreed = distributed.share_from_main(s.rendezvous, s.sink.agreement() if s.rendezvous.is_main else {})
+    if not s.rendezvous.is_main:
+        resume = s.sink.restore_agreed(s.paths.checkpoints, agreed)
+    log.info("rank %d resumes from %s", s.rendezvous.rank, resume.name if resume else "the base model")
+    return resume
 
 
 def train_and_finish(
@@ -470,8 +473,10 @@ def train_and_finish(
     s.reporter.update(phase=Phase.TRAINING, baseline=baseline, force=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if s.run.preempted:
-        s.sink.close()  # raises if the checkpoint was not committed: then this is no clean preemption
+        close_on_every_rank(s)  # raises if the checkpoint was not committed: no clean preemption then
         step = s.run.checkpoint_steps[-1] if s.run.checkpoint_steps else 0
+        rank = s.rendezvous.rank
+        log.warning("rank %d stops after SIGTERM: the checkpoint of step %d is stored", rank, step)
         s.reporter.update(message=f"preempted: checkpoint of step {step} saved, resume on retry", force=True)
         return ExitCode.PREEMPTED_CHECKPOINTED
     if s.run.stop_reason:
@@ -480,19 +485,33 @@ def train_and_finish(
     return finish(s, trainer, work, baseline)
 
 
+def close_on_every_rank(s: Session) -> None:
+    """Each rank stores its part; rank 0 commits once all parts are there. Every rank learns
+    whether that worked, so none claims a checkpoint that was not committed."""
+    failure: Exception | None = None
+    try:
+        s.sink.close()
+    except Exception as exc:
+        failure = exc
+    if not distributed.all_ranks_ok(s.rendezvous, failure is None):
+        raise failure or CheckpointRestoreError(
+            "the checkpoint saved on SIGTERM was not committed: another rank could not store its part "
+            "(fix: see rank 0's trainer log; the next run resumes from the previous checkpoint)"
+        )
+
+
 def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float]) -> ExitCode:
     s.reporter.update(phase=Phase.EVALUATING, force=True)
     final = work.evaluate(trainer)
     weights = final_weights(s, trainer)
+    predictions = final_predictions(s, trainer, work)
     if not s.rendezvous.is_main:
+        s.sink.close()  # rank 0 commits the last checkpoint only with this rank's part
         log.info("rank %d done: rank 0 saves and reports", s.rendezvous.rank)
         return ExitCode.SUCCEEDED
     s.metrics.set_eval(final, "final")
     log.info("final: %s", json.dumps(final, sort_keys=True))
-    if work.chat:
-        predictions = diagnose_model(
-            s.config, trainer.model, work.processor, s.paths.out / "prompts", "final"
-        )
+    if predictions is not None:
         s.metrics.set_predictions(predictions)
         s.reporter.update(predictions=predictions)
     folder = artifacts.save_final(
@@ -503,11 +522,27 @@ def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float])
         {"baseline": baseline, "final": final},
         state_dict=weights,
     )
+    merge = final_artifact.complete(
+        s.config, folder, work.processor, s.base_model_path, {"baseline": baseline, "final": final}
+    )
+    if merge.message:
+        s.reporter.notice(merge.message)
     info = s.sink.save_final(folder)
     s.sink.close()
     if info is not None:
         s.reporter.update(checkpoint=info)
     return decide(s, baseline, final)
+
+
+def final_predictions(s: Session, trainer: Any, work: Workload) -> Predictions | None:
+    """The predictions diagnostic of the trained model, stored and returned on rank 0; on sharded
+    weights the other ranks generate along (their result is None)."""
+    main = s.rendezvous.is_main
+    if not work.chat or not (main or evaluation.sharded(trainer.model)):
+        return None
+    folder = s.paths.out / "prompts" if main else None
+    predictions: Predictions = diagnose_model(s.config, trainer.model, work.processor, folder, "final")
+    return predictions if main else None
 
 
 def final_weights(s: Session, trainer: Any) -> dict[str, Any] | None:
@@ -532,9 +567,9 @@ def run(
         clean, warnings = prepare(config, reporter)  # data errors surface before any download
         set_seeds(config.hyperparameters.seed)
         model_path = resolve_model_path(config.model, config.checkpoints.store, paths.out)
-        # One uploader per job: the other ranks keep their checkpoints on local disk only.
-        sink = build_sink(config, reporter, model_path) if rendezvous.is_main else LocalSink(resume=False)
-        session = Session(config, paths, metrics, reporter, sink, RunState(), rendezvous)
+        r = rendezvous
+        sink = build_sink(config, reporter, model_path, metrics, rank=r.rank, world_size=r.world_size)
+        session = Session(config, paths, metrics, reporter, sink, RunState(), rendezvous, model_path)
         return train(session, clean, warnings, model_path)
     finally:
         (paths.out / "metrics.prom").write_bytes(metrics.exposition())

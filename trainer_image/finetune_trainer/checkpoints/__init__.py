@@ -19,6 +19,7 @@ from finetune_trainer.checkpoints.errors import (
 )
 from finetune_trainer.checkpoints.fingerprint import RestoreCheck, write_fingerprint
 from finetune_trainer.checkpoints.manifest import Manifest
+from finetune_trainer.checkpoints.ranked import RankedS3Sink
 from finetune_trainer.checkpoints.sink import CheckpointEvent, EventHandler, S3Sink
 from finetune_trainer.checkpoints.store import Checkpoint, CheckpointStore, Selection, Skipped, Tolerance
 from finetune_trainer.config import TrainerConfig
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointStoreError",
     "CheckpointVerificationError",
     "Manifest",
+    "RankedS3Sink",
     "RestoreCheck",
     "S3Sink",
     "Selection",
@@ -74,13 +76,20 @@ def _load_base(config: TrainerConfig, base_model_path: str | None) -> Any:
 
 
 def build_sink(
-    config: TrainerConfig, on_event: EventHandler | None = None, base_model_path: str | None = None
+    config: TrainerConfig,
+    on_event: EventHandler | None = None,
+    base_model_path: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> S3Sink:
-    """The S3 checkpoint sink for this job run; credentials come from the environment only."""
+    """The S3 checkpoint sink of this job run's process `rank` of `world_size`; credentials come
+    from the environment only."""
     store = CheckpointStore(
         config.checkpoints.store,
         config.job,
-        restore_check=build_restore_check(config, base_model_path),
+        restore_check=build_restore_check(config, base_model_path) if rank == 0 else None,
         scratch_dir=Path(config.output_dir) / ".verify",
     )
+    if world_size > 1:
+        return RankedS3Sink(store, config, rank, world_size, on_event=on_event)
     return S3Sink(store, config, on_event=on_event)

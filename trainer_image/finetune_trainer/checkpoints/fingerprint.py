@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,8 @@ class RestoreCheck:
         self.dtype, self.device = dtype, device
 
     def __call__(self, folder: Path) -> Fingerprint:
+        if _loads_partitioned() and not (folder / ADAPTER_CONFIG).is_file():
+            return _fingerprint_in_fresh_process(folder, self.dtype, self.device)
         model = self._load(folder)
         try:
             return model_fingerprint(model)
@@ -118,3 +122,25 @@ class RestoreCheck:
             )
         base: Any = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=_torch_dtype(self.dtype))
         return base.to(self.device)
+
+
+def _loads_partitioned() -> bool:
+    """Whether this process trains with ZeRO-3: transformers then partitions every model it loads
+    across the ranks, a collective that ranks busy training never enter (the check would hang)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())  # type: ignore[no-untyped-call]
+
+
+def _fingerprint_in_fresh_process(folder: Path, dtype: str, device: str) -> Fingerprint:
+    code = f"import sys; from {__name__} import print_fingerprint; print_fingerprint(*sys.argv[1:])"
+    command = [sys.executable, "-c", code, str(folder), dtype, device]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"loading {folder} in a fresh process failed: {done.stderr[-2000:]}")
+    value = json.loads(done.stdout.strip().splitlines()[-1])
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def print_fingerprint(folder: str, dtype: str, device: str) -> None:
+    print(json.dumps(RestoreCheck(dtype=dtype, device=device)(Path(folder))))

@@ -49,6 +49,9 @@ class Manifest(BaseModel):
     restore_fingerprint: Fingerprint | None = Field(
         default=None, description="loss/logits on a fixed batch, recorded at save time"
     )
+    world_size: int = Field(
+        default=1, description="training processes whose per-rank state (ZeRO partitions) it holds"
+    )
     files: list[FileEntry]
 
     def to_bytes(self) -> bytes:

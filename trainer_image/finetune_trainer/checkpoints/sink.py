@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,8 @@ from finetune_trainer.checkpoints.errors import (
     CheckpointVerificationError,
 )
 from finetune_trainer.checkpoints.fingerprint import read_fingerprint
-from finetune_trainer.checkpoints.manifest import Fingerprint, read_json
+from finetune_trainer.checkpoints.manifest import Fingerprint, Manifest, read_json
+from finetune_trainer.checkpoints.parts import check_world_size
 from finetune_trainer.checkpoints.store import (
     Checkpoint,
     CheckpointStore,
@@ -43,16 +45,21 @@ EventKind = Literal["committed", "verified", "invalid", "upload_failed", "skippe
 
 @dataclass(frozen=True)
 class CheckpointEvent:
-    """Something the job's status or events should show; `reason` names what went wrong."""
+    """Something the job's status, events or metrics should show; `reason` names what went wrong.
+    A committed event says how long storing the files and manifest took, and their size."""
 
     kind: EventKind
     uri: str
     step: int | None
     reason: str = ""
+    upload_seconds: float = 0.0
+    upload_bytes: int = 0
+    committed_at: str | None = None  # the manifest's creation time, once committed
 
     @property
     def info(self) -> CheckpointInfo:
-        return CheckpointInfo(uri=self.uri, step=self.step or 0, verified=self.kind == "verified")
+        verified = self.kind == "verified"
+        return CheckpointInfo(uri=self.uri, step=self.step or 0, verified=verified, time=self.committed_at)
 
 
 EventHandler = Callable[[CheckpointEvent], None]
@@ -83,6 +90,8 @@ def stage(folder: Path) -> Path:
 
 
 class S3Sink:
+    world_size = 1  # processes whose per-rank state a checkpoint holds (`ranked.RankedS3Sink`: more)
+
     def __init__(
         self,
         store: CheckpointStore,
@@ -98,6 +107,7 @@ class S3Sink:
         self._last: Task | None = None
         self._failed: _Failed | None = None
         self._last_step = 0
+        self._committed_at: dict[str, str] = {}  # uri -> manifest time, for status.checkpoint.time
 
     # --- restore ---------------------------------------------------------------------------------------
 
@@ -148,12 +158,19 @@ class S3Sink:
         target = work_dir / f"checkpoint-{checkpoint.step or 0}"
         scratch = work_dir / RESTORING
         shutil.rmtree(scratch, ignore_errors=True)
-        self.store.download(checkpoint, scratch)
+        self._fetch(checkpoint, scratch)
         shutil.rmtree(target, ignore_errors=True)
         scratch.rename(target)  # only a complete, checked folder gets the name training resumes from
         self._last_step = checkpoint.step or 0
         log.info("restored checkpoint %s into %s", checkpoint.uri, target)
         return target
+
+    def _fetch(self, checkpoint: Checkpoint, target: Path) -> None:
+        check_world_size(self.store.read_manifest(checkpoint), self.world_size, checkpoint.uri)
+        self.store.download(checkpoint, target, self._wanted_on_restore)
+
+    def _wanted_on_restore(self, path: str) -> bool:
+        return True
 
     # --- save ------------------------------------------------------------------------------------------
 
@@ -170,7 +187,7 @@ class S3Sink:
             return info
         self.uploader.run_now(task)  # the first checkpoint: training waits until it restores
         self._verified_once = True
-        return info.model_copy(update={"verified": True})
+        return info.model_copy(update={"verified": True, "time": self._committed_at.get(info.uri)})
 
     def save_final(self, local_dir: Path) -> CheckpointInfo | None:
         self.uploader.wait()
@@ -242,9 +259,7 @@ class S3Sink:
 
     def _upload(self, staged: Path, step: int, metrics: dict[str, float], verify: bool) -> None:
         manifest = build_manifest(staged, self.config, step, metrics, self._fingerprint(staged))
-        checkpoint = self.store.commit(staged, manifest)
-        shutil.rmtree(staged, ignore_errors=True)  # only now: the manifest is committed
-        self._emit(CheckpointEvent("committed", checkpoint.uri, step))
+        checkpoint = self._commit(staged, manifest, step)
         if self.verify:
             self._verify(checkpoint, raise_on_failure=verify)
         for deleted in self.store.apply_retention(self.config.checkpoints.keep):
@@ -253,16 +268,36 @@ class S3Sink:
     def _upload_final(self, staged: Path, metrics: dict[str, float], result: list[CheckpointInfo]) -> None:
         fingerprint = self._fingerprint(staged)
         manifest = build_manifest(staged, self.config, self._last_step, metrics, fingerprint, kind="final")
-        checkpoint = self.store.commit(staged, manifest)
-        shutil.rmtree(staged, ignore_errors=True)
-        self._emit(CheckpointEvent("committed", checkpoint.uri, self._last_step))
+        checkpoint = self._commit(staged, manifest, self._last_step)
         verified = self._verify(checkpoint, raise_on_failure=True) if self.verify else False
-        result.append(CheckpointInfo(uri=checkpoint.uri, step=self._last_step, verified=verified))
+        result.append(
+            CheckpointInfo(uri=checkpoint.uri, step=self._last_step, verified=verified, time=manifest.created)
+        )
+
+    def _commit(self, staged: Path, manifest: Manifest, step: int) -> Checkpoint:
+        started = time.monotonic()
+        checkpoint = self.store.commit(staged, manifest)
+        seconds = time.monotonic() - started
+        self._committed_at[checkpoint.uri] = manifest.created
+        shutil.rmtree(staged, ignore_errors=True)  # only now: the manifest is committed
+        size = sum(entry.size for entry in manifest.files)
+        self._emit(
+            CheckpointEvent(
+                "committed",
+                checkpoint.uri,
+                step,
+                upload_seconds=seconds,
+                upload_bytes=size,
+                committed_at=manifest.created,
+            )
+        )
+        return checkpoint
 
     def _verify(self, checkpoint: Checkpoint, raise_on_failure: bool) -> bool:
         result = self.store.verify(checkpoint)
         kind: EventKind = "verified" if result.ok else "invalid"
-        self._emit(CheckpointEvent(kind, checkpoint.uri, checkpoint.step, result.reason))
+        at = self._committed_at.get(checkpoint.uri)
+        self._emit(CheckpointEvent(kind, checkpoint.uri, checkpoint.step, result.reason, committed_at=at))
         if not result.ok and raise_on_failure:
             raise CheckpointVerificationError(
                 f"checkpoint {checkpoint.uri} does not restore: {result.reason} (fix: see the trainer log; "

@@ -123,6 +123,31 @@ class CheckpointStore:
         log.info("checkpoint committed: %s", layout.uri(self.location.bucket, key))
         return self._checkpoint(key, step, committed=True)
 
+    def commit_stored(self, manifest: Manifest) -> Checkpoint:
+        """Write the manifest of a step whose files every rank has stored already (see `parts`).
+
+        Unlike `commit`, nothing under the folder is cleared first: other ranks' files are there.
+        An earlier manifest at this step that verification marked invalid is replaced."""
+        key = self.key_for(manifest.step)
+        existing = self.read_manifest_key(key)
+        if existing is not None and existing.same_files(manifest):
+            return self._checkpoint(key, manifest.step, committed=True)
+        if existing is not None:
+            names = {o.key.removeprefix(key + "/") for o in self.objects.listing(key)}
+            if INVALID not in names:
+                raise self._conflict(key)
+            # The manifest goes first: the folder must not look like a checkpoint meanwhile.
+            self.objects.delete([f"{key}/{MANIFEST}"])
+            self.objects.delete([f"{key}/{name}" for name in (INVALID, VERIFIED) if name in names])
+            self._manifests.pop(key, None)
+        try:
+            self.objects.put_if_absent(f"{key}/{MANIFEST}", manifest.to_bytes())
+        except ObjectExistsError:
+            self._check_same(key, manifest)
+        self._manifests[key] = manifest
+        log.info("checkpoint committed: %s", layout.uri(self.location.bucket, key))
+        return self._checkpoint(key, manifest.step, committed=True)
+
     def _prepare_key(self, key: str, manifest: Manifest, replace: bool) -> bool:
         """True when these files are already committed here. Clears leftovers of an interrupted
         upload, an invalid checkpoint, and with `replace` a different committed one."""
@@ -225,11 +250,16 @@ class CheckpointStore:
         self._manifests[key] = manifest
         return manifest
 
-    def download(self, checkpoint: Checkpoint, local_dir: Path) -> Manifest:
-        """Download every file of the manifest and check its size and sha256 (CorruptCheckpointError)."""
+    def download(
+        self, checkpoint: Checkpoint, local_dir: Path, wanted: Callable[[str], bool] | None = None
+    ) -> Manifest:
+        """Download every file of the manifest (or those `wanted`, by path) and check its size and
+        sha256 (CorruptCheckpointError)."""
         manifest = self.read_manifest(checkpoint)
         local_dir.mkdir(parents=True, exist_ok=True)
         for entry in manifest.files:
+            if wanted is not None and not wanted(entry.path):
+                continue
             target = local_dir / entry.path
             found = self.objects.download(f"{checkpoint.key}/{entry.path}", target)
             problem = check_file(target, entry) if found else f"{entry.path}: missing from the store"
