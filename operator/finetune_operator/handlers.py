@@ -485,7 +485,7 @@ def _outcome(
     trainer's own words (its termination message, else its last report)."""
     if phase == Phase.SUCCEEDED:  # the trainer's notes (merged weights, warnings) stay visible
         done = "training finished and the success criteria were met"
-        return "Succeeded", f"{done}: {reported.strip()}" if reported.strip() else done
+        return "Succeeded", f"training finished: {reported.strip()}" if reported.strip() else done
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed.sort(key=lambda p: str((p.get("status") or {}).get("startTime") or ""))
     exit_info = _exit(failed[-1]) if failed else None

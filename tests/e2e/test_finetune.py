@@ -48,6 +48,8 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     assert status["checkpoint"]["verified"] is True
     assert status["startTime"] <= status["checkpoint"]["time"] <= status["completionTime"], status
     assert "merged weights saved under final/merged/" in status["message"]
+    # The outcome names what was measured, e.g. "criterion met: exact_match 0 -> 1 (minImprovement 0.3)".
+    assert "criterion met: exact_match 0 -> " in status["message"], status["message"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
     assert status["predictions"]["failed"] == 0
     conditions = {c["type"]: c for c in status["conditions"]}

@@ -414,7 +414,9 @@ def decide(s: Session, baseline: dict[str, float], final: dict[str, float]) -> E
         message = "success criteria not met: " + "; ".join(r.reason for r in failed)
         s.reporter.update(phase=Phase.FAILED, final=final, message=message, force=True)
         return ExitCode.SUCCESS_CRITERIA_NOT_MET
-    message = "; ".join(f"warning: criterion not met: {r.reason}" for r in warned) or "training succeeded"
+    notes = [f"warning: criterion not met: {r.reason}" for r in warned]
+    notes += [f"criterion met: {r.reason}" for r in results if r.passed]
+    message = "; ".join(notes) or "no success criteria set"
     s.reporter.update(phase=Phase.SUCCEEDED, final=final, message=message, force=True)
     return ExitCode.SUCCEEDED
 
