@@ -26,6 +26,7 @@ from localcluster.processes import RUN_MARKER
 
 log = logging.getLogger("nodeagent")
 _HEARTBEAT_SECONDS = 10
+TERMINAL = ("Succeeded", "Failed")
 
 
 class ApiLookup:
@@ -93,6 +94,8 @@ class NodeAgent:
         self.lookup: Lookup = ApiLookup(self.core, Path(args.ca_cert))
         self.args = args
         self.runners: dict[str, PodRunner] = {}
+        # A pod runs once: its last status, re-sent if the API server has not taken it yet.
+        self.finished: dict[str, Obj] = {}
         self.lock = threading.Lock()
         self.network_lock = threading.Lock()
         self.free_ips = [str(ipaddress.ip_address("127.0.1.0") + i) for i in range(2, 254)]
@@ -177,11 +180,14 @@ class NodeAgent:
     # -- services for runners ----------------------------------------------------------
     def patch_status(self, pod: Obj, status: Obj) -> None:
         meta = pod["metadata"]
+        if status.get("phase") in TERMINAL:
+            with self.lock:
+                self.finished[meta["uid"]] = status
         try:
             self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
         except ApiException as exc:
             if exc.status not in (404, 409):
-                log.warning("pod %s/%s: status patch failed: %s", meta["namespace"], meta["name"], exc.reason)
+                log.warning("pod %s/%s: status patch failed: %s", meta["namespace"], meta["name"], exc.body)
 
     def event(self, pod: Obj, reason: str, message: str, kind: str = "Normal") -> None:
         meta = pod["metadata"]
@@ -267,8 +273,20 @@ class NodeAgent:
         if kind == "DELETED":
             if runner:
                 runner.kill_now()
+            with self.lock:
+                self.finished.pop(uid, None)
             return
         deleting = pod["metadata"].get("deletionTimestamp")
+        with self.lock:
+            final = self.finished.get(uid) if runner is None else None
+        if final is not None:
+            # Never run a finished pod again (restartPolicy is the runner's business), even when
+            # its last status patch was lost: send it again instead.
+            if deleting:
+                self.finalize_delete(pod)
+            elif (pod.get("status") or {}).get("phase") not in TERMINAL:
+                self.patch_status(pod, final)
+            return
         if runner is not None:
             if deleting:
                 runner.request_stop(float(pod["metadata"].get("deletionGracePeriodSeconds") or 0))
