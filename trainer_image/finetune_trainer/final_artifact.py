@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer import artifacts, evaluation
+from finetune_trainer.checkpoints.manifest import read_json
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.model_card import MERGED_DIR, README, CardFacts, render_model_card
 from finetune_trainer.redact import redact
@@ -58,14 +58,6 @@ def merge_if_requested(config: TrainerConfig, folder: Path, processor: Any, base
     return MergeOutcome(requested=True, saved=True)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def final_location(config: TrainerConfig) -> str:
     store = config.checkpoints.store
     if not store.bucket:
@@ -92,8 +84,8 @@ def write_model_card(
         baseline=baseline,
         final=final,
         criteria=evaluation.check_criteria(config.goal.success_criteria, baseline, final),
-        data_report=_read_json(folder / artifacts.DATA_REPORT_FILE),
-        environment=_read_json(folder / artifacts.ENVIRONMENT_FILE),
+        data_report=read_json(folder / artifacts.DATA_REPORT_FILE),
+        environment=read_json(folder / artifacts.ENVIRONMENT_FILE),
         template=template.read_text(encoding="utf-8") if template.is_file() else "",
         merged=merge.saved,
         merge_error=merge.error,
