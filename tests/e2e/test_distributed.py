@@ -137,6 +137,18 @@ def committed_manifests(cluster: ClusterInfo, prefix: str) -> list[dict[str, Any
     return [json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in found]
 
 
+def launch_zero2_pair(launch: Any, name: str, steps: int) -> Any:
+    """A two-pod ZeRO-2 job of exactly `steps` optimizer steps, checkpointing often."""
+    return launch(
+        name,
+        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
+        resources={"nodes": 2, "gpusPerNode": 1},
+        hyperparameters={"epochs": 1, "maxSteps": steps, "learningRate": 0.003},
+        checkpoints=SHORT["checkpoints"],
+        goal=SHORT["goal"],
+    )
+
+
 def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
     launch: Any,
     job_status: Status,
@@ -146,15 +158,9 @@ def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
     namespace: str,
 ) -> None:
     started = time.monotonic()
-    steps = 60
-    obj = launch(
-        "ds-kill",
-        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
-        resources={"nodes": 2, "gpusPerNode": 1},
-        hyperparameters={"epochs": 1, "maxSteps": steps, "learningRate": 0.003},
-        checkpoints=SHORT["checkpoints"],
-        goal=SHORT["goal"],
-    )
+    # Long enough that an idle machine does not finish before a verified checkpoint is seen mid-run.
+    steps = 200
+    obj = launch_zero2_pair(launch, "ds-kill", steps)
     uid = obj["metadata"]["uid"]
     before = wait_for(
         lambda: verified_mid_run(job_status, "ds-kill"), 300, "a verified checkpoint", describe=pod_logs
@@ -207,14 +213,7 @@ def test_suspended_two_pod_job_commits_every_ranks_part_and_resumes(
 ) -> None:
     started = time.monotonic()
     steps = 200
-    uid = launch(
-        "ds-pause",
-        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
-        resources={"nodes": 2, "gpusPerNode": 1},
-        hyperparameters={"epochs": 1, "maxSteps": steps, "learningRate": 0.003},
-        checkpoints=SHORT["checkpoints"],
-        goal=SHORT["goal"],
-    )["metadata"]["uid"]
+    uid = launch_zero2_pair(launch, "ds-pause", steps)["metadata"]["uid"]
     wait_for(
         lambda: verified_mid_run(job_status, "ds-pause"), 300, "a verified checkpoint", describe=pod_logs
     )
