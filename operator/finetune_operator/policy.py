@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from finetune_operator.api import (
@@ -201,12 +201,42 @@ def hardware(spec: FineTuneJobSpec, settings: OperatorSettings) -> Hardware:
     return Hardware(memory, source, resources.gpus_per_node, resources.nodes)
 
 
-def model_parameters(spec: FineTuneJobSpec, settings: OperatorSettings) -> tuple[float, str]:
-    """Parameter count and a phrase saying where it came from."""
+# ---------------------------------------------------------------------------------------------
+# Model size
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The parameter count read from the model's own files before launch, and which file; or, when
+    none could be read, why not, as a clause ("the model's config.json could not be read from
+    s3://models/llama/config.json (AccessDenied)")."""
+
+    parameters: float | None = None
+    source: str = ""
+    failure: str = ""
+
+
+def format_parameter_count(count: float) -> str:
+    """134515008 -> "134.5M": four significant digits, in the form spec.model.parameters takes."""
+    for suffix, unit in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= unit:
+            return f"{count / unit:.4g}{suffix}"
+    return f"{count:.0f}"
+
+
+def model_parameters(
+    spec: FineTuneJobSpec, settings: OperatorSettings, looked_up: ModelSize | None = None
+) -> tuple[float, str]:
+    """Parameter count and a phrase saying where it came from: the spec, the model's files (as
+    `looked_up` by the handler), or the operator's default with the reason nothing better was known."""
     if spec.model.parameters is not None:
         return parse_parameter_count(spec.model.parameters), f"{spec.model.parameters} parameters"
+    if looked_up is not None and looked_up.parameters is not None:
+        count = looked_up.parameters
+        return count, f"{format_parameter_count(count)} parameters (from {looked_up.source})"
     assumed = settings.default_model_parameters
-    return parse_parameter_count(assumed), f"{assumed} parameters (assumed: set spec.model.parameters)"
+    why = looked_up.failure if looked_up is not None else "the model's size was not looked up"
+    return parse_parameter_count(assumed), f"assumed {assumed} parameters ({why}; set spec.model.parameters)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +367,8 @@ class MethodDecision:
     reason: str
     deepspeed_stage: int | None = None
     estimate: MemoryEstimate | None = field(default=None, compare=False)
+    # The parameter count behind the estimate and where it came from, for the MemoryFits message.
+    model_size: str = field(default="", compare=False)
 
 
 def _choose_stage(spec: FineTuneJobSpec, parameters: float, hw: Hardware) -> tuple[int, MemoryEstimate]:
@@ -358,11 +390,25 @@ def resolve_method(
     settings: OperatorSettings,
     *,
     cloud_detected: bool = False,
+    model_size: ModelSize | None = None,
 ) -> MethodDecision:
     """The method a job runs with. An explicit method.type is kept (full gets its ZeRO stage);
     auto follows the checklist: on-prem -> QLoRA, or LoRA when GPU memory is ample; cloud -> full
-    with DeepSpeed ZeRO when the data is large enough, else LoRA."""
-    parameters, size_phrase = model_parameters(spec, settings)
+    with DeepSpeed ZeRO when the data is large enough, else LoRA. `model_size` is what the handler
+    read from the model's files; it counts when spec.model.parameters is absent."""
+    parameters, size_phrase = model_parameters(spec, settings, model_size)
+    decision = _resolve(spec, settings, parameters, size_phrase, cloud_detected=cloud_detected)
+    return replace(decision, model_size=size_phrase)
+
+
+def _resolve(
+    spec: FineTuneJobSpec,
+    settings: OperatorSettings,
+    parameters: float,
+    size_phrase: str,
+    *,
+    cloud_detected: bool,
+) -> MethodDecision:
     hw = hardware(spec, settings)
     requested = spec.method.type
     if requested == MethodType.FULL:
@@ -472,7 +518,8 @@ def check_gpu_memory(decision: MethodDecision, hw: Hardware) -> Finding:
     if hw.gpus_per_node == 0 or estimate is None:
         return Finding("MemoryFits", Verdict.OK, "NoGPU", "no GPU requested: GPU memory check skipped")
     available = hw.gpu_memory_gib
-    numbers = f"{estimate.describe()}; {available:g} GiB available ({hw.gpu_memory_source})"
+    size = f"{decision.model_size}: " if decision.model_size else ""
+    numbers = f"{size}{estimate.describe()}; {available:g} GiB available ({hw.gpu_memory_source})"
     if fits(estimate, available):
         return Finding("MemoryFits", Verdict.OK, "EstimateFits", numbers)
     fix = _memory_fix(decision.type)
@@ -612,11 +659,12 @@ def preflight(
     namespace: str,
     secret_keys: Mapping[str, Collection[str]],
     cloud_detected: bool = False,
+    model_size: ModelSize | None = None,
 ) -> Preflight:
     """Method choice plus every check that can run before a pod: goal, data-size hint, GPU memory
     and secrets. The job may start only when `refused` is empty."""
     environment, environment_reason = resolve_environment(spec, settings, cloud_detected=cloud_detected)
-    decision = resolve_method(spec, settings, cloud_detected=cloud_detected)
+    decision = resolve_method(spec, settings, cloud_detected=cloud_detected, model_size=model_size)
     findings = [
         *check_goal(spec),
         check_data_size(

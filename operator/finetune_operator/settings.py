@@ -6,7 +6,13 @@
 - FINETUNE_OPERATOR_GPU_MEMORY_LABEL (nvidia.com/gpu.memory): node label with GPU memory in MiB, as set by
   NVIDIA GPU feature discovery.
 - FINETUNE_OPERATOR_DEFAULT_MODEL_PARAMETERS (7B): parameter count assumed when
-  spec.model.parameters is absent.
+  spec.model.parameters is absent and the model's own files (config.json, safetensors header)
+  cannot be read.
+- FINETUNE_OPERATOR_MODEL_SIZE_LOOKUP (true): read the size of a model without spec.model.parameters
+  from its files before launch; false skips it (air-gapped clusters), so the default is assumed.
+- FINETUNE_OPERATOR_MODEL_SIZE_TIMEOUT (5s): limit of each request of that lookup.
+- FINETUNE_OPERATOR_HUB_ENDPOINT (https://huggingface.co): the model hub, or a mirror of it, that
+  hf:// models are read from.
 - FINETUNE_OPERATOR_TRAINER_IMAGE (ghcr.io/finetune-dev/finetune-trainer:0.1.0): image of the training pods.
 - FINETUNE_OPERATOR_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
 - FINETUNE_OPERATOR_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
@@ -59,7 +65,18 @@ class OperatorSettings(BaseSettings):
         default="nvidia.com/gpu.memory", description="Node label with the GPU memory in MiB."
     )
     default_model_parameters: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?[KMBT]$")] = Field(
-        default="7B", description="Parameter count assumed when spec.model.parameters is absent."
+        default="7B",
+        description="Parameter count assumed when spec.model.parameters is absent and the model's files "
+        "cannot be read.",
+    )
+    model_size_lookup: bool = Field(
+        default=True, description="Read a model's size from its config.json or safetensors header."
+    )
+    model_size_timeout: Annotated[float, Field(gt=0, le=60)] = Field(
+        default=5.0, description="Seconds each request of the model-size lookup may take, or a duration: 5s."
+    )
+    hub_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] = Field(
+        default="https://huggingface.co", description="Model hub (or mirror) that hf:// models come from."
     )
     trainer_image: str = Field(
         default="ghcr.io/finetune-dev/finetune-trainer:0.1.0", description="Trainer image."
@@ -114,7 +131,7 @@ class OperatorSettings(BaseSettings):
     check_secrets: bool = Field(default=True, description="Check referenced Secrets before launch.")
     read_nodes: bool = Field(default=True, description="Read node labels to detect the environment.")
 
-    @field_validator("trainer_scrape_interval", mode="before")
+    @field_validator("trainer_scrape_interval", "model_size_timeout", mode="before")
     @classmethod
     def _prometheus_duration(cls, value: object) -> object:
         if isinstance(value, str) and DURATION.fullmatch(value.strip()):

@@ -133,7 +133,7 @@ METHOD_CASES: list[tuple[str, dict[str, Any], bool, M, int | None, list[str]]] =
         False,
         M.QLORA,
         None,
-        ["7B parameters (assumed: set spec.model.parameters)"],
+        ["assumed 7B parameters (the model's size was not looked up; set spec.model.parameters)"],
     ),
     (
         "explicit-qlora-kept",

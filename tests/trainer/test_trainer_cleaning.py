@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from finetune_trainer.config import Dataset, S3Store
+import pytest
+
+from finetune_trainer.config import Dataset, S3Store, Split
 from finetune_trainer.data import cleaning
 from finetune_trainer.data.pipeline import clean_and_split
 from finetune_trainer.testing.tiny import QUESTION, WORDS, synthetic_dataset, write_jsonl
@@ -15,17 +17,101 @@ COOKIE = "We use cookies to improve your experience. Accept all cookies"
 FOOTER = "Copyright 2024 Example Corp. All rights reserved."
 
 
-def test_normalize_repairs_mojibake_and_whitespace() -> None:
-    assert cleaning.normalize_text("caf\u00c3\u00a9  au\u200b lait \r\n\n\n\nok ") == "café au lait\n\nok"
-    assert cleaning.normalize_text("e\u0301") == "é"  # NFC
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("caf\u00c3\u00a9 au lait", "café au lait"),  # mojibake repaired
+        ("e\u0301", "é"),  # NFC
+        ("a\u200bb\ufeff", "ab"),  # zero-width space, byte-order mark
+        ("line  \r\nnext\t\r\n", "line\nnext"),  # trailing whitespace, Windows line ends
+        ("\n\n    indented()\n", "    indented()"),  # blank lines around go, indentation stays
+        ("def f():\n\treturn 1\n\n\ndef g(): ...", "def f():\n\treturn 1\n\n\ndef g(): ..."),
+        ("name    value\nx       1", "name    value\nx       1"),  # aligned columns
+        ("\u201cquoted\u201d \u2018so\u2019", "\u201cquoted\u201d \u2018so\u2019"),  # curly quotes stay
+        ("\u4f60\u597d\uff0c\u4e16\u754c", "\u4f60\u597d\uff0c\u4e16\u754c"),  # fullwidth CJK comma stays
+        ("write &amp; for &", "write &amp; for &"),  # entities in prose are content
+        (
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+        ),  # Persian ZWNJ stays
+        ("\U0001f469\u200d\U0001f4bb", "\U0001f469\u200d\U0001f4bb"),  # emoji ZWJ sequence stays
+    ],
+)
+def test_normalize_text(text: str, expected: str) -> None:
+    assert cleaning.normalize_text(text) == expected
 
 
-def test_boilerplate_lines_are_recognized() -> None:
-    assert cleaning.is_boilerplate_line(NAV)
-    assert cleaning.is_boilerplate_line(COOKIE)
-    assert cleaning.is_boilerplate_line("Skip to content")
-    assert not cleaning.is_boilerplate_line("The river runs past the old mill | a quiet place.")
-    assert not cleaning.is_boilerplate_line("| name | value | unit |")
+@pytest.mark.parametrize(
+    ("line", "boilerplate"),
+    [
+        (NAV, True),
+        (COOKIE, True),
+        ("Skip to content", True),
+        ("Home | About | Contact", True),
+        ("Home > Docs > API", True),
+        ("Home \u00bb Blog \u00bb Latest posts", True),
+        ("  Home \u2022 Shop \u2022 Cart", True),
+        ("The river runs past the old mill | a quiet place.", False),
+        ("| name | value | unit |", False),
+        ("src/main/java", False),
+        ("read/write/execute", False),
+        ("Yes / No / Maybe", False),
+        ("TCP/IP / UDP / QUIC", False),
+        ("Home / Docs / API", False),  # a slash list reads the same as `Yes / No / Maybe`
+        ("if a > b > c:", False),
+        ("x | y | z", False),
+        ("> > Quoted reply", False),
+        ("Build -> Test -> Deploy", False),
+        ("Posted by Ann \u00b7 3 min read \u00b7 Jan 5", False),
+    ],
+)
+def test_boilerplate_lines(line: str, boilerplate: bool) -> None:
+    assert cleaning.is_boilerplate_line(line) is boilerplate
+
+
+def test_tables_and_code_blocks_in_documents_are_kept() -> None:
+    document = "\n".join(
+        [
+            "Home | About | Contact",
+            "Menu | Price | Notes",
+            "--- | --- | ---",
+            "Soup | 4 | Hot",
+            "```text",
+            "Home | Docs | API",
+            "Skip to content",
+            "```",
+            "Body text.",
+        ]
+    )
+    kept, removed = cleaning.strip_lines(document, set())
+    assert (kept, removed) == (document.split("\n", 1)[1], 1)
+
+
+def test_repeated_code_lines_are_not_boilerplate() -> None:
+    files = [f"def f{i}():\n    return None\n}}\nvalue = {i}\nCopyright Example Corp." for i in range(5)]
+    repeated = cleaning.repeated_lines(files, min_docs=3, min_fraction=0.3)
+    assert repeated == {"Copyright Example Corp."}
+    assert cleaning.strip_lines(files[0], repeated) == ("def f0():\n    return None\n}\nvalue = 0", 1)
+
+
+def test_boilerplate_is_stripped_from_documents_only(tmp_path: Path) -> None:
+    """An answer or instruction that looks like a menu is what the user wants learned."""
+    menu_answer = f"{NAV}\nSkip to content\n{COOKIE}"
+    records = [
+        {
+            "instruction": f"Print the site menu.\n{NAV}",
+            "input": f"{NAV}\n{_article(i)}",
+            "output": menu_answer,
+        }
+        for i in range(3)
+    ]
+    path = write_jsonl(records, tmp_path / "d.jsonl")
+    clean = clean_and_split(Dataset(source=str(path), split=Split(validation=0.0, test=0.0)), S3Store())
+    assert clean.report.boilerplate_lines_removed == 3
+    assert {e.messages[0][1] for e in clean.train} == {
+        f"Print the site menu.\n{NAV}\n\n{_article(i)}" for i in range(3)
+    }
+    assert {e.messages[1][1] for e in clean.train} == {menu_answer}
 
 
 def _article(i: int) -> str:

@@ -55,6 +55,8 @@ class DataSummary(_Doc):
     tokens: int = 0
     chunks: int = 0
     truncated: int = 0
+    bad_examples_dropped: int = Field(default=0, description="examples that cannot be trained on, left out")
+    bad_example_reasons: dict[str, int] = Field(default_factory=dict, description="reason -> examples dropped")
     split: SplitSizes = Field(default_factory=SplitSizes)
 
 

@@ -138,7 +138,7 @@ class TrainerMetrics:
         self.runtime.labels(**self._labels).info(dict(info))
 
     def set_data(self, summary: DataSummary) -> None:
-        counts = summary.model_dump(exclude={"split"})
+        counts = summary.model_dump(exclude={"split", "bad_example_reasons"})
         counts |= {f"split_{k}": v for k, v in summary.split.model_dump().items()}
         for name, value in counts.items():
             self.labels(self.data, count=name).set(value)

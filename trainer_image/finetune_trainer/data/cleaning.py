@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-_ZERO_WIDTH = re.compile(r"[\u200b\u200c\u200d\ufeff]")
+# Zero-width space and byte-order mark only: ZWJ/ZWNJ carry meaning in Persian, Indic scripts and emoji.
+_ZERO_WIDTH = re.compile("[\u200b\ufeff]")
 
 
 def normalize_text(text: str) -> str:
-    """Repair mojibake (ftfy), NFC-normalize, drop zero-width characters, tidy whitespace."""
+    """Repair mojibake (ftfy), NFC-normalize, drop zero-width spaces and trailing whitespace.
+
+    Indentation, inner runs of spaces and blank lines are kept: code, YAML and aligned
+    tables mean something by them.
+    """
     import ftfy
 
-    text = unicodedata.normalize("NFC", ftfy.fix_text(text))
-    text = _ZERO_WIDTH.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    # Off: ftfy defaults that rewrite correct text (curly quotes, fullwidth CJK punctuation, &amp; in prose).
+    fixed = ftfy.fix_text(
+        text, unescape_html=False, uncurl_quotes=False, fix_character_width=False, normalization="NFC"
+    )
+    fixed = _ZERO_WIDTH.sub("", fixed)  # ftfy has turned \r\n and \r into \n
+    return "\n".join(line.rstrip() for line in fixed.split("\n")).strip("\n")
 
 
 _COOKIE = re.compile(
@@ -41,12 +45,14 @@ _NAV_WORDS = {
     "log in",
     "subscribe",
 }
-_NAV_SEPARATORS = re.compile("\\s*(?:\\||\u2022|\u00b7|\u00bb|\u203a|>|/)\\s*")
+# `/` is no separator: paths, `read/write/execute`, `Yes / No / Maybe` and `TCP/IP / UDP` are content.
+_NAV_SEPARATORS = re.compile("\\s*(?:\\||\u2022|\u00b7|\u00bb|\u203a|>)\\s*")
 _MAX_NAV_ITEM_WORDS = 3
+_SENTENCE_END = tuple(".,;:!?-")
 
 
 def is_boilerplate_line(line: str) -> bool:
-    """Cookie banners and navigation menus (`Home | About | Contact`, breadcrumbs)."""
+    """Cookie banners and navigation menus (`Home | About | Contact`, `Home > Docs > API`)."""
     stripped = line.strip()
     if not stripped:
         return False
@@ -54,7 +60,7 @@ def is_boilerplate_line(line: str) -> bool:
         return True
     if stripped.lower().rstrip(".:") in _NAV_WORDS:
         return True
-    if stripped.startswith("|"):  # a Markdown table row is content
+    if stripped.startswith(("|", ">")):  # a Markdown table row or quote is content
         return False
     items = [item for item in _NAV_SEPARATORS.split(stripped) if item]
     separators = len(_NAV_SEPARATORS.findall(stripped))
@@ -62,25 +68,59 @@ def is_boilerplate_line(line: str) -> bool:
 
 
 def _is_menu_item(item: str) -> bool:
-    return len(item.split()) <= _MAX_NAV_ITEM_WORDS and item[0].isalpha()
+    """A menu entry is a short capitalized label: `About us`, `API`; not `x`, `if a` or `done.`."""
+    return len(item.split()) <= _MAX_NAV_ITEM_WORDS and item[0].isupper() and not item.endswith(_SENTENCE_END)
+
+
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_TABLE_DELIMITER = re.compile(r"^\s*\|?(\s*:?-+:?\s*\|)+\s*(:?-+:?)?\s*$")
+
+
+def content_lines(lines: Sequence[str]) -> set[int]:
+    """Indices of lines in fenced code blocks and Markdown tables: content, whatever they look like."""
+    content: set[int] = set()
+    in_fence = False
+    for i, line in enumerate(lines):
+        fence = bool(_FENCE.match(line))
+        if fence or in_fence:
+            content.add(i)
+        if fence:
+            in_fence = not in_fence
+    for i, line in enumerate(lines):
+        if i and _TABLE_DELIMITER.match(line) and "|" in lines[i - 1]:
+            end = i + 1
+            while end < len(lines) and "|" in lines[end]:
+                end += 1
+            content.update(range(i - 1, end))
+    return content
+
+
+def _may_repeat(line: str) -> bool:
+    """Headers and footers are flush-left prose; an indented line or `}` repeats because it is code."""
+    return bool(line) and not line[0].isspace() and any(c.isalpha() for c in line)
 
 
 def repeated_lines(documents: Sequence[str], min_docs: int, min_fraction: float) -> set[str]:
     """Lines present in at least `min_docs` documents and `min_fraction` of them: headers, footers."""
     counts: Counter[str] = Counter()
     for document in documents:
-        counts.update({line.strip() for line in document.split("\n") if line.strip()})
+        counts.update({line.strip() for line in document.split("\n") if _may_repeat(line)})
     threshold = max(min_docs, min_fraction * len(documents))
     return {line for line, count in counts.items() if count >= threshold}
 
 
+def is_boilerplate(line: str, repeated: set[str]) -> bool:
+    return (_may_repeat(line) and line.strip() in repeated) or is_boilerplate_line(line)
+
+
 def strip_lines(text: str, repeated: set[str]) -> tuple[str, int]:
-    """Remove boilerplate lines; a single-line text is content and is kept."""
+    """Remove boilerplate lines from a document; a single-line text is content and is kept."""
     lines = text.split("\n")
     if len(lines) < 2:
         return text, 0
-    kept = [line for line in lines if line.strip() not in repeated and not is_boilerplate_line(line)]
-    return "\n".join(kept).strip(), len(lines) - len(kept)
+    content = content_lines(lines)
+    kept = [line for i, line in enumerate(lines) if i in content or not is_boilerplate(line, repeated)]
+    return "\n".join(kept).strip("\n"), len(lines) - len(kept)
 
 
 # --- duplicates ------------------------------------------------------------------------------------------
@@ -88,6 +128,30 @@ def strip_lines(text: str, repeated: set[str]) -> tuple[str, int]:
 
 def dedupe_key(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+# A line in this many distinct examples (and this share of them) is a template: a system prompt,
+# an instruction, a form. Near duplicates come in twos and threes, templates in hundreds.
+TEMPLATE_MIN_EXAMPLES = 5
+TEMPLATE_MIN_SHARE = 0.001
+
+
+def template_lines(
+    texts: Sequence[str], min_examples: int = TEMPLATE_MIN_EXAMPLES, min_share: float = TEMPLATE_MIN_SHARE
+) -> frozenset[str]:
+    """Dedupe keys of lines shared by many distinct texts; exact copies count once."""
+    unique = {dedupe_key(text): text for text in texts}
+    counts: Counter[str] = Counter()
+    for text in unique.values():
+        counts.update({key for line in text.split("\n") if (key := dedupe_key(line))})
+    threshold = max(min_examples, min_share * len(unique))
+    return frozenset(line for line, count in counts.items() if count >= threshold)
+
+
+def varying_text(text: str, template: frozenset[str]) -> str:
+    """What sets a text apart: its lines that are not template; all of it when nothing else is left."""
+    kept = [line for line in text.split("\n") if dedupe_key(line) not in template]
+    return "\n".join(kept) if any(line.strip() for line in kept) else text
 
 
 def _shingles(text: str, size: int = 3) -> set[str]:
@@ -154,12 +218,17 @@ class DedupeCounts:
 
 
 def dedupe(
-    texts: Sequence[str], mode: str, threshold: float, protected: Iterable[str] = ()
+    texts: Sequence[str],
+    mode: str,
+    threshold: float,
+    protected: Iterable[str] = (),
+    template: frozenset[str] = frozenset(),
 ) -> tuple[list[int], DedupeCounts]:
     """Indices of texts to keep, first occurrence wins; anything matching `protected` is dropped.
 
     `protected` holds held-out test texts: a training example equal or near to one of them
-    would leak the test set into training.
+    would leak the test set into training. Exact duplicates compare whole texts; near duplicates
+    compare what varies, leaving out `template` lines (see template_lines).
     """
     counts = DedupeCounts()
     if mode == "none":
@@ -168,7 +237,7 @@ def dedupe(
     index = NearDuplicateIndex(threshold) if mode == "exact+near" else None
     if index is not None:
         for text in protected:
-            index.add(text)
+            index.add(varying_text(text, template))
     kept: list[int] = []
     for i, text in enumerate(texts):
         key = dedupe_key(text)
@@ -176,7 +245,7 @@ def dedupe(
             counts.exact += 1
             continue
         seen.add(key)
-        if index is not None and not index.add_unless_near(text):
+        if index is not None and not index.add_unless_near(varying_text(text, template)):
             counts.near += 1
             continue
         kept.append(i)

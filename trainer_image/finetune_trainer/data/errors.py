@@ -19,3 +19,8 @@ def show_sample(sample: Any) -> str:
     text = sample if isinstance(sample, str) else json.dumps(sample, ensure_ascii=False, default=str)
     text = redact(text)
     return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + "…"
+
+
+def exceeds(count: int, total: int, share: float) -> bool:
+    """More than `share` of `total`; a share of 1.0 is never exceeded."""
+    return total > 0 and count > share * total

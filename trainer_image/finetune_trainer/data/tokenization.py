@@ -1,12 +1,14 @@
-"""Tokenize examples with the model's tokenizer, mask prompts, and check the result on samples."""
+"""Tokenize with the model's tokenizer, mask prompts, and drop examples that cannot be trained on."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from finetune_trainer.data.errors import DataError, show_sample
+from finetune_trainer.data.errors import DataError, exceeds, show_sample
 from finetune_trainer.data.formats import DEFAULT_TEMPLATE, Example, Message
 
 IGNORE_INDEX = -100
@@ -19,6 +21,48 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+
+
+class BadExample(StrEnum):
+    """Why an example is dropped; the key in the data report's badExampleReasons."""
+
+    EMPTY_ANSWER = "emptyAnswer"
+    ANSWER_TRUNCATED = "answerTruncated"
+    NO_ANSWER_TOKENS = "noAnswerTokens"
+    ROUND_TRIP = "roundTripChanged"
+
+
+# reason -> (what is wrong, in a sentence about the example; the fix)
+_EXPLAIN = {
+    BadExample.EMPTY_ANSWER: ("its answer is empty", "fill in or remove the answer"),
+    BadExample.ANSWER_TRUNCATED: (
+        "its answer was cut off by truncation",
+        "raise dataset.chunking.maxTokens, shorten the prompt, or drop the example",
+    ),
+    BadExample.NO_ANSWER_TOKENS: ("it has no answer tokens", "give the example an assistant answer"),
+    BadExample.ROUND_TRIP: (
+        "decoding its tokens does not reproduce the text",
+        "use the model's own tokenizer, or set dataset.preprocessing.normalize: true",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """One example left out: its index in the list checked, why, and a sample for messages."""
+
+    index: int
+    reason: BadExample
+    sample: str
+
+
+@dataclass
+class Encoding:
+    """The examples that can be trained on, with their indices, and those dropped."""
+
+    encoded: list[Encoded] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
 
 
 def ensure_template(tokenizer: Any) -> str:
@@ -62,7 +106,10 @@ def _answer_spans(tokenizer: Any, messages: list[Message], full: str) -> list[tu
     return spans
 
 
-def encode_chat(tokenizer: Any, example: Example, max_tokens: int, train_on_prompt: bool) -> Encoded:
+def _encode_chat(
+    tokenizer: Any, example: Example, max_tokens: int, train_on_prompt: bool
+) -> tuple[str, list[int], Encoded]:
+    """The rendered conversation, all its token ids, and the training features cut at max_tokens."""
     messages = example.as_messages()
     full = render(tokenizer, messages)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -76,33 +123,42 @@ def encode_chat(tokenizer: Any, example: Example, max_tokens: int, train_on_prom
             for tok, (start, _end) in zip(ids, enc["offset_mapping"], strict=True)
         ]
     truncated = len(ids) > max_tokens
-    return Encoded(ids[:max_tokens], labels[:max_tokens], truncated)
+    return full, ids, Encoded(ids[:max_tokens], labels[:max_tokens], truncated)
+
+
+def encode_chat(tokenizer: Any, example: Example, max_tokens: int, train_on_prompt: bool) -> Encoded:
+    return _encode_chat(tokenizer, example, max_tokens, train_on_prompt)[2]
+
+
+def _encode_text(tokenizer: Any, example: Example) -> tuple[str, list[int], Encoded]:
+    text = example.text or ""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    features = [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else list(ids)
+    features.append(tokenizer.eos_token_id)
+    return text, ids, Encoded(features, list(features))
 
 
 def encode_text(tokenizer: Any, example: Example) -> Encoded:
-    text = example.text or ""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    ids.append(tokenizer.eos_token_id)
-    return Encoded(ids, list(ids))
+    return _encode_text(tokenizer, example)[2]
 
 
 def rendered_text(tokenizer: Any, example: Example) -> str:
     return example.text if example.text is not None else render(tokenizer, example.as_messages())
 
 
-def check_round_trip(tokenizer: Any, examples: Sequence[Example]) -> None:
-    for example in examples[:CHECK_SAMPLES]:
-        text = rendered_text(tokenizer, example)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if " ".join(back.split()) != " ".join(text.split()):
-            raise DataError(
-                f"tokenizer: decoding does not reproduce the text: {show_sample(text)} "
-                f"-> {show_sample(back)} "
-                "(fix: use the model's own tokenizer, or normalize the data)"
-            )
+def round_trips(tokenizer: Any, text: str, ids: Sequence[int]) -> bool:
+    """Decoding gives the text back, up to whitespace; else the tokenizer does not fit the text."""
+    back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return " ".join(str(back).split()) == " ".join(text.split())
+
+
+def bad_reason(encoded: Encoded, round_trip: bool) -> BadExample | None:
+    """Why an encoded example cannot be trained on, or None when it can."""
+    if not round_trip:
+        return BadExample.ROUND_TRIP
+    if all(label == IGNORE_INDEX for label in encoded.labels[1:]):
+        return BadExample.ANSWER_TRUNCATED if encoded.truncated else BadExample.NO_ANSWER_TOKENS
+    return None
 
 
 def check_unknown_rate(tokenizer: Any, examples: Sequence[Example], encoded: Sequence[Encoded]) -> None:
@@ -123,29 +179,57 @@ def check_unknown_rate(tokenizer: Any, examples: Sequence[Example], encoded: Seq
         )
 
 
-def check_loss_masks(tokenizer: Any, examples: Sequence[Example], encoded: Sequence[Encoded]) -> None:
-    for example, enc in zip(examples, encoded, strict=True):
-        if all(label == IGNORE_INDEX for label in enc.labels[1:]):
-            reason = "its answer was cut off by truncation" if enc.truncated else "it has no answer tokens"
-            raise DataError(
-                f"data: an example has nothing to learn from because {reason}: "
-                f"{show_sample(rendered_text(tokenizer, example))} "
-                "(fix: raise dataset.chunking.maxTokens, shorten the prompt, or drop the example)"
-            )
+def bad_examples_message(
+    reasons: Mapping[str, int], checked: int, where: str, sample: Dropped | None = None
+) -> str:
+    """`where: 3 of 40 examples (7.5%) ...: 2 answerTruncated, 1 emptyAnswer; e.g. <why>: <sample>`."""
+    bad = sum(reasons.values())
+    counts = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+    text = (
+        f"{where}: {bad} of {checked} examples ({bad / max(1, checked):.1%}) cannot be trained on: {counts}"
+    )
+    if sample is None:
+        return text
+    return f"{text}; e.g. {_EXPLAIN[sample.reason][0]}: {sample.sample}"
+
+
+def refuse_bad_examples(
+    reasons: Mapping[str, int], checked: int, max_share: float, where: str, sample: Dropped | None
+) -> None:
+    """Bad examples are dropped and counted; more than max_share of them means the data is wrong."""
+    if not exceeds(sum(reasons.values()), checked, max_share):
+        return
+    fix = f"{_EXPLAIN[sample.reason][1]}; " if sample is not None else ""
+    raise DataError(
+        f"{bad_examples_message(reasons, checked, where, sample)}; that is above "
+        f"dataset.preprocessing.maxBadExampleShare {max_share:g} "
+        f"(fix: {fix}or raise dataset.preprocessing.maxBadExampleShare to train without them)"
+    )
+
+
+def reason_counts(dropped: Sequence[Dropped]) -> dict[str, int]:
+    return dict(Counter(str(d.reason) for d in dropped))
 
 
 def encode_all(
     tokenizer: Any, examples: Sequence[Example], max_tokens: int, train_on_prompt: bool
-) -> list[Encoded]:
-    """Encode and validate; raises DataError with the offending sample."""
+) -> Encoding:
+    """Encode and check each example; one that cannot be trained on is dropped with its reason.
+
+    A tokenizer that does not fit the data at all (no eos token, many unknown tokens) raises DataError.
+    """
     check_special_tokens(tokenizer)
-    check_round_trip(tokenizer, examples)
-    encoded = [
-        encode_text(tokenizer, ex)
-        if ex.text is not None
-        else encode_chat(tokenizer, ex, max_tokens, train_on_prompt)
-        for ex in examples
-    ]
-    check_unknown_rate(tokenizer, examples, encoded)
-    check_loss_masks(tokenizer, examples, encoded)
-    return encoded
+    result = Encoding()
+    for i, example in enumerate(examples):
+        if example.text is not None:
+            text, ids, encoded = _encode_text(tokenizer, example)
+        else:
+            text, ids, encoded = _encode_chat(tokenizer, example, max_tokens, train_on_prompt)
+        reason = bad_reason(encoded, round_trips(tokenizer, text, ids))
+        if reason is None:
+            result.encoded.append(encoded)
+            result.kept.append(i)
+        else:
+            result.dropped.append(Dropped(i, reason, show_sample(text)))
+    check_unknown_rate(tokenizer, [examples[i] for i in result.kept[:CHECK_SAMPLES]], result.encoded)
+    return result
