@@ -83,7 +83,7 @@ def run_product(model: Path, data: Path, tmp: Path, steps: int) -> float:
     return train_runtime(proc.stdout + proc.stderr)
 
 
-BARE = '''
+BARE = """
 import json, sys
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -97,7 +97,8 @@ records = [json.loads(line) for line in open(data_path)]
 def encode(r):
     chat = [{"role": "system", "content": r["system"]}, {"role": "user", "content": r["instruction"]}]
     prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": r["output"]}], tokenize=False)
+    answer = [{"role": "assistant", "content": r["output"]}]
+    full = tokenizer.apply_chat_template(chat + answer, tokenize=False)
     ids = tokenizer(full, add_special_tokens=False)["input_ids"][: int(max_tokens)]
     n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     return {"input_ids": ids, "labels": [-100] * n + ids[n:]}
@@ -113,7 +114,7 @@ args = TrainingArguments(output_dir=out, max_steps=int(steps), per_device_train_
                          report_to="none", disable_tqdm=True, dataloader_num_workers=0)
 collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
-'''
+"""
 
 
 def run_bare(model: Path, data: Path, tmp: Path, steps: int) -> float:

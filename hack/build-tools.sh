@@ -86,6 +86,21 @@ fetch_prometheus() {
   rm -rf "$work"
 }
 
+TINI_DEB_VERSION="0.19.0-1+b3"
+
+fetch_tini() {
+  # The trainer image's init (its ENTRYPOINT), so local pods run under it as they do in the image.
+  local work
+  work="$(mktemp -d)"
+  if ! (cd "$work" && apt-get download "tini=$TINI_DEB_VERSION" >/dev/null 2>&1); then
+    [[ $(id -u) == 0 ]] && apt-get update -qq >/dev/null
+    (cd "$work" && apt-get download tini >/dev/null)
+  fi
+  dpkg-deb -x "$work"/tini_*.deb "$work/root"
+  cp "$work/root/usr/bin/tini" "$BIN_DIR/"
+  rm -rf "$work"
+}
+
 need() {  # need <binary...>: true when any is missing
   local b
   for b in "$@"; do [[ -x "$BIN_DIR/$b" ]] || return 0; done
@@ -101,6 +116,7 @@ if need etcd; then timed etcd build_etcd; built=1; fi
 if need helm; then timed helm build_helm; built=1; fi
 if need versitygw; then timed versitygw build_versitygw; built=1; fi
 if need prometheus promtool; then timed prometheus fetch_prometheus; built=1; fi
+if need tini; then timed tini fetch_tini; built=1; fi
 
 if [[ $built == 0 ]]; then
   echo "tools up to date in $BIN_DIR"

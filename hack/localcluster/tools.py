@@ -21,6 +21,7 @@ REQUIRED = (
     "versitygw",
     "prometheus",
     "promtool",
+    "tini",
 )
 
 

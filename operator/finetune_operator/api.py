@@ -305,7 +305,25 @@ class PreprocessingSpec(_Model):
     normalize: bool = Field(default=True, description="Unicode normalization and whitespace cleanup.")
     strip_boilerplate: bool = Field(
         default=True,
-        description="Remove web boilerplate: navigation menus, cookie banners, repeated header/footer lines.",
+        description=(
+            "Remove web boilerplate from document fields (alpaca input, text): navigation menus, cookie "
+            "banners, repeated header/footer lines. Answers and instructions are never stripped."
+        ),
+    )
+    warn_duplicate_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.2,
+        description="Warn (data report, model card, job log) when more than this share of examples are "
+        "duplicates or near duplicates.",
+    )
+    max_duplicate_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5,
+        description="Refuse the data when more than this share of examples are duplicates or near "
+        "duplicates; 1 never refuses.",
+    )
+    max_bad_example_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.05,
+        description="Examples that cannot be trained on (empty answer, answer cut off by maxTokens, "
+        "tokenizer round trip fails) are dropped and counted; refuse the data when more than this share are.",
     )
 
 
@@ -744,6 +762,18 @@ class ValidationSpec(_Model):
     held_out_scenarios: Annotated[list[HeldOutScenario], Field(max_length=64)] = Field(
         default_factory=list, description="Prompts with expected answers (the predictions diagnostic)."
     )
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        default=None,
+        description=(
+            "Longest generation when scoring answers, scenarios and prompts. Unset: the longest reference "
+            "answer of the test split in the model's tokens plus a quarter (at least 8), at most 256; for "
+            "speech, the longest transcript, at most the decoder's max_target_positions."
+        ),
+    )
+    max_generation_samples: Annotated[int, Field(ge=1, le=10000)] = Field(
+        default=64,
+        description="Test examples scored by generation (exact_match, token_f1, rougeL; wer for speech).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1070,6 +1100,15 @@ class DataReport(_Model):
     tokens: Annotated[int, Field(ge=0)] = Field(default=0, description="Tokens after tokenization.")
     chunks: Annotated[int, Field(ge=0)] = Field(default=0, description="Training sequences after chunking.")
     truncated: Annotated[int, Field(ge=0)] = Field(default=0, description="Examples cut at maxTokens.")
+    bad_examples_dropped: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Examples that cannot be trained on, left out (see badExampleReasons)."
+    )
+    bad_example_reasons: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description=(
+            "Examples dropped per reason: emptyAnswer, answerTruncated, noAnswerTokens, roundTripChanged."
+        ),
+    )
     split: SplitCounts = Field(default_factory=SplitCounts, description="Examples per split.")
 
 
@@ -1121,6 +1160,18 @@ class PredictionsStatus(_Model):
     )
 
 
+SampleText = Annotated[str, StringConstraints(max_length=512)]
+
+
+class SampleStatus(_Model):
+    """One held-out test example: what the base model and the fine-tuned model answered."""
+
+    prompt: SampleText = Field(description="The example's last user message.")
+    reference: SampleText = Field(description="The answer in the test data.")
+    baseline: SampleText | None = Field(default=None, description="The base model's answer.")
+    final: SampleText | None = Field(default=None, description="The fine-tuned model's answer.")
+
+
 MetricValues = Annotated[dict[MetricName, float], Field(max_length=64)]
 
 
@@ -1150,6 +1201,9 @@ class FineTuneJobStatus(_Model):
     checkpoint: CheckpointStatus | None = Field(default=None, description="Latest checkpoint.")
     final: MetricValues | None = Field(default=None, description="Fine-tuned model metrics on the test set.")
     predictions: PredictionsStatus | None = Field(default=None, description="Predictions diagnostic.")
+    samples: Annotated[list[SampleStatus], Field(max_length=8)] | None = Field(
+        default=None, description="The first held-out test examples, answered before and after training."
+    )
     restarts: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="Times training was restarted (crash, preemption, suspend, rotation)."
     )

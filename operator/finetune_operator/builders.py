@@ -41,10 +41,11 @@ JOB_UID_LABEL = "finetune.dev/job-uid"
 JOB_NAME_LABEL = "finetune.dev/job-name"
 
 # Exit codes of the trainer (finetune_trainer.exitcodes.ExitCode), kept as numbers here so the
-# Job spec is readable: these mean "retrying will not help".
-FAIL_JOB_EXIT_CODES = (2, 3, 4, 5)
-# SIGTERM handled and a checkpoint committed: the next pod resumes; not counted as a failure.
-RESUME_EXIT_CODES = (75,)
+# Job spec is readable: these mean "retrying will not help" (6: training diverged).
+FAIL_JOB_EXIT_CODES = (2, 3, 4, 5, 6)
+# SIGTERM handled, with a checkpoint committed (75) or outside training (76): the next pod resumes
+# from the last committed checkpoint; not counted as a failure.
+RESUME_EXIT_CODES = (75, 76)
 
 MAX_NAME = 63
 # An Indexed Job's pods are named <job>-<index>: keep room for "-63" so the hostname stays a label.
@@ -198,6 +199,9 @@ def _dataset(spec: FineTuneJobSpec) -> tc.Dataset:
             normalize=data.preprocessing.normalize,
             strip_boilerplate=data.preprocessing.strip_boilerplate,
             dedupe=data.preprocessing.dedupe.value,
+            warn_duplicate_share=data.preprocessing.warn_duplicate_share,
+            max_duplicate_share=data.preprocessing.max_duplicate_share,
+            max_bad_example_share=data.preprocessing.max_bad_example_share,
         ),
         chunking=tc.Chunking(max_tokens=data.chunking.max_tokens, packing=data.chunking.packing),
         split=tc.Split(validation=data.split.validation, test=data.split.test, seed=data.split.seed),
@@ -296,6 +300,8 @@ def _validation(validation: api.ValidationSpec) -> tc.Validation:
         held_out_scenarios=[
             tc.Scenario(prompt=s.prompt, expect=s.expect) for s in validation.held_out_scenarios
         ],
+        max_new_tokens=validation.max_new_tokens,
+        max_generation_samples=validation.max_generation_samples,
     )
 
 
@@ -596,7 +602,8 @@ def _container(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *
         "name": TRAINER_CONTAINER,
         "image": settings.trainer_image,
         "imagePullPolicy": settings.trainer_image_pull_policy,
-        "command": ["python", "-m", "finetune_trainer", "--config", CONFIG_PATH],
+        # The image's ENTRYPOINT (tini, then the trainer) stays: tini forwards SIGTERM and reaps.
+        "args": ["--config", CONFIG_PATH],
         "env": trainer_env(job, spec, settings, is_cloud=is_cloud),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,

@@ -499,7 +499,13 @@ def _outcome(
     code, detail = exit_info
     # The trainer's report says it best; the termination message may be a log tail (keep its end).
     detail = reported.strip() or detail.strip()[-1500:]
-    reason = {2: "InvalidConfig", 3: "SuccessCriteriaNotMet", 4: "DataRefused", 5: "CheckpointRestoreFailed"}
+    reason = {
+        2: "InvalidConfig",
+        3: "SuccessCriteriaNotMet",
+        4: "DataRefused",
+        5: "CheckpointRestoreFailed",
+        6: "TrainingDiverged",
+    }
     message = st.explain_exit_code(code) + (f": {detail[:1500]}" if detail else "")
     return reason.get(code, "TrainerFailed"), message
 

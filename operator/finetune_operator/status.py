@@ -26,6 +26,8 @@ Patch = dict[str, Any]
 MAX_MESSAGE = 4096
 MAX_REASON = 1024
 MAX_METRICS = 64
+MAX_SAMPLES = 8
+MAX_SAMPLE_TEXT = 512
 
 # Phases the trainer reports while it runs; the end of the run is read from the Job instead.
 RUNNING_PHASES = frozenset({Phase.PREPARING, Phase.BASELINE, Phase.TRAINING, Phase.EVALUATING})
@@ -37,7 +39,11 @@ EXIT_CODE_MEANINGS: dict[int, str] = {
     ExitCode.SUCCESS_CRITERIA_NOT_MET: "the fine-tuned model did not meet spec.goal.successCriteria",
     ExitCode.DATA_REFUSED: "the data was refused (too few examples for the method, or failed checks)",
     ExitCode.CHECKPOINT_RESTORE_FAILED: "a checkpoint could not be restored and verified",
+    ExitCode.DIVERGED: "training diverged (a loss, gradient norm or weight was not finite, or the loss "
+    "spiked); no checkpoint after it was kept",
     ExitCode.PREEMPTED_CHECKPOINTED: "the pod was stopped after saving a checkpoint; training resumes",
+    ExitCode.PREEMPTED_OUTSIDE_TRAINING: "the pod was stopped outside training (preparing, loading or "
+    "evaluating); the next pod resumes from the last committed checkpoint",
 }
 
 
@@ -251,7 +257,15 @@ def status_from_report(report: TrainerReport, old: Mapping[str, Any] | None = No
         fields["checkpoint"] = report.checkpoint.model_dump(by_alias=True)
     if report.predictions is not None:
         fields["predictions"] = report.predictions.model_dump(by_alias=True)
+    if report.samples:
+        fields["samples"] = [
+            _clipped_sample(s.model_dump(exclude_none=True)) for s in report.samples[:MAX_SAMPLES]
+        ]
     return _forget_stale_commit_time(_dump(api.FineTuneJobStatus.model_validate(fields)), old or {})
+
+
+def _clipped_sample(sample: Mapping[str, str]) -> dict[str, str]:
+    return {key: _clip(value, MAX_SAMPLE_TEXT) for key, value in sample.items()}
 
 
 def _forget_stale_commit_time(patch: Patch, old: Mapping[str, Any]) -> Patch:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 OPERATOR_DOCKERFILE = REPO / "operator" / "Dockerfile"
 TRAINER_DOCKERFILE = REPO / "trainer_image" / "Dockerfile"
 CONSTRAINTS = REPO / "hack" / "constraints"
-TRAINER_PINNED = ("torch", "transformers", "peft", "accelerate", "trl", "deepspeed", "bitsandbytes")
+TRAINER_PINNED = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes")
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -123,7 +123,9 @@ def test_operator_image_has_no_torch() -> None:
 
 def test_trainer_image_entrypoint_and_order() -> None:
     text = TRAINER_DOCKERFILE.read_text()
-    assert 'ENTRYPOINT ["python", "-m", "finetune_trainer"]' in text
+    # tini as PID 1 forwards SIGTERM to the trainer and reaps orphans.
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m", "finetune_trainer"]' in text
+    assert any(word == "RUN" and " tini" in args for word, args in instructions(text))
     base = next(args for word, args in instructions(text) if word == "FROM")
     assert base.startswith("nvidia/cuda:") and "runtime" in base
     # DeepSpeed's build imports torch: torch must be installed first, deepspeed without isolation.

@@ -53,7 +53,7 @@ def all_exited(core: client.CoreV1Api, namespace: str) -> list[Any] | None:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_full_fine_tune_across_two_pods(
     stage: int,
-    launch: Any,
+    launch_tiny: Any,
     job_status: Status,
     pod_logs: Callable[[], str],
     core: client.CoreV1Api,
@@ -61,7 +61,7 @@ def test_zero_full_fine_tune_across_two_pods(
     namespace: str,
 ) -> None:
     name = f"ds-zero{stage}"
-    obj = launch(
+    obj = launch_tiny(
         name,
         method={"type": "full", "deepspeed": {"stage": stage}, "allowSmallDataFullFineTune": True},
         resources={"nodes": 2, "gpusPerNode": 1},
@@ -113,11 +113,14 @@ def test_qlora_job_succeeds(launch: Any, job_status: Status, pod_logs: Callable[
 
 
 def rank_pid(job_uid: str, rank: int) -> int | None:
-    """The trainer process of one pod of the job: its environment carries JOB_ID and NODE_RANK."""
+    """The trainer process of one pod of the job: its environment carries JOB_ID and NODE_RANK, and
+    it is the Python process (the image's init, tini, carries the same environment)."""
     wanted = {f"JOB_ID={job_uid}".encode(), f"NODE_RANK={rank}".encode()}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and wanted <= set((entry / "environ").read_bytes().split(b"\0")):
+            if not entry.name.isdigit() or not wanted <= set((entry / "environ").read_bytes().split(b"\0")):
+                continue
+            if Path((entry / "cmdline").read_bytes().split(b"\0")[0].decode()).name.startswith("python"):
                 return int(entry.name)
         except OSError:
             continue
@@ -137,9 +140,9 @@ def committed_manifests(cluster: ClusterInfo, prefix: str) -> list[dict[str, Any
     return [json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in found]
 
 
-def launch_zero2_pair(launch: Any, name: str, steps: int) -> Any:
+def launch_zero2_pair(launch_tiny: Any, name: str, steps: int) -> Any:
     """A two-pod ZeRO-2 job of exactly `steps` optimizer steps, checkpointing often."""
-    return launch(
+    return launch_tiny(
         name,
         method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
         resources={"nodes": 2, "gpusPerNode": 1},
@@ -150,7 +153,7 @@ def launch_zero2_pair(launch: Any, name: str, steps: int) -> Any:
 
 
 def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
-    launch: Any,
+    launch_tiny: Any,
     job_status: Status,
     pod_logs: Callable[..., str],
     core: client.CoreV1Api,
@@ -160,7 +163,7 @@ def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
     started = time.monotonic()
     # Long enough that an idle machine does not finish before a verified checkpoint is seen mid-run.
     steps = 200
-    obj = launch_zero2_pair(launch, "ds-kill", steps)
+    obj = launch_zero2_pair(launch_tiny, "ds-kill", steps)
     uid = obj["metadata"]["uid"]
     before = wait_for(
         lambda: verified_mid_run(job_status, "ds-kill"), 300, "a verified checkpoint", describe=pod_logs
@@ -204,7 +207,7 @@ def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
 
 
 def test_suspended_two_pod_job_commits_every_ranks_part_and_resumes(
-    launch: Any,
+    launch_tiny: Any,
     kube: client.ApiClient,
     job_status: Status,
     pod_logs: Callable[..., str],
@@ -213,7 +216,7 @@ def test_suspended_two_pod_job_commits_every_ranks_part_and_resumes(
 ) -> None:
     started = time.monotonic()
     steps = 200
-    uid = launch_zero2_pair(launch, "ds-pause", steps)["metadata"]["uid"]
+    uid = launch_zero2_pair(launch_tiny, "ds-pause", steps)["metadata"]["uid"]
     wait_for(
         lambda: verified_mid_run(job_status, "ds-pause"), 300, "a verified checkpoint", describe=pod_logs
     )

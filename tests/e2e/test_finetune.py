@@ -1,10 +1,12 @@
-"""A real fine-tune through the operator: apply the quickstart job and check everything a user
-would look at: status, events, S3 objects, metrics and the final artifact."""
+"""A real fine-tune through the operator: apply the quickstart job (LoRA on SmolLM2-135M-Instruct,
+the Unicode-name task) and check everything a user would look at: status, events, S3 objects,
+metrics and the final artifact."""
 
 from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from finetune_trainer.testing import unicode_names
 from localcluster import ClusterInfo
 from localcluster.quickstart import BUCKET, s3_client
 from localcluster.testing import events_for, wait_for
@@ -41,15 +44,23 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
 
     # The checklist's story, told by the status.
     assert status["method"]["type"] == "lora" and "on-prem" in status["method"]["reason"].lower()
-    assert status["data"]["raw"] == 1500 and status["data"]["examples"] <= 1500
+    # Every example is kept: they share a system prompt and an instruction, which must not make
+    # unrelated examples near duplicates.
+    assert status["data"]["raw"] == len(unicode_names.records()) == status["data"]["examples"]
+    assert status["data"]["nearDuplicatesRemoved"] == 0
     assert sum(status["data"]["split"].values()) == status["data"]["examples"]
-    assert status["final"]["exact_match"] >= status["baseline"]["exact_match"] + 0.3
+    # The base model answers in sentences (exact match 0); the tuned one in the standard's names.
+    assert status["final"]["exact_match"] > status["baseline"]["exact_match"], status
     assert status["final"]["eval_loss"] <= status["baseline"]["eval_loss"]
+    samples = status["samples"]
+    assert len(samples) == 3 and all(s["baseline"] is not None and s["final"] is not None for s in samples)
+    assert all(s["reference"] == unicodedata.name(s["prompt"][-3]) for s in samples), samples
     assert status["checkpoint"]["verified"] is True
     assert status["startTime"] <= status["checkpoint"]["time"] <= status["completionTime"], status
     assert "merged weights saved under final/merged/" in status["message"]
     # The outcome names what was measured, e.g. "criterion met: exact_match 0 -> 1 (minImprovement 0.3)".
     assert "criterion met: exact_match 0 -> " in status["message"], status["message"]
+    assert "criterion met: exact_match 0 -> 0 " not in status["message"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
     assert status["predictions"]["failed"] == 0
     conditions = {c["type"]: c for c in status["conditions"]}

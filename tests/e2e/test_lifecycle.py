@@ -50,9 +50,9 @@ def finished(job_status: Status, name: str) -> dict[str, Any] | None:
 
 
 def test_killed_trainer_resumes_from_last_verified_checkpoint(
-    launch: Any, job_status: Status, pod_logs: Callable[..., str], core: client.CoreV1Api, namespace: str
+    launch_tiny: Any, job_status: Status, pod_logs: Callable[..., str], core: client.CoreV1Api, namespace: str
 ) -> None:
-    uid = launch("crashy", **LONGER)["metadata"]["uid"]
+    uid = launch_tiny("crashy", **LONGER)["metadata"]["uid"]
     before = wait_for(
         lambda: verified_checkpoint(job_status, "crashy"),
         300,
@@ -77,9 +77,9 @@ def test_killed_trainer_resumes_from_last_verified_checkpoint(
 
 
 def test_suspend_checkpoints_and_resume_continues(
-    launch: Any, kube: client.ApiClient, job_status: Status, pod_logs: Callable[..., str], namespace: str
+    launch_tiny: Any, kube: client.ApiClient, job_status: Status, pod_logs: Callable[..., str], namespace: str
 ) -> None:
-    uid = launch("pausable", **LONGER)["metadata"]["uid"]
+    uid = launch_tiny("pausable", **LONGER)["metadata"]["uid"]
     wait_for(
         lambda: verified_checkpoint(job_status, "pausable"),
         300,
@@ -111,14 +111,14 @@ def test_suspend_checkpoints_and_resume_continues(
 
 
 def test_deleting_a_running_job_stops_everything(
-    launch: Any,
+    launch_tiny: Any,
     kube: client.ApiClient,
     core: client.CoreV1Api,
     job_status: Status,
     pod_logs: Callable[..., str],
     namespace: str,
 ) -> None:
-    uid = launch("doomed", **LONGER)["metadata"]["uid"]
+    uid = launch_tiny("doomed", **LONGER)["metadata"]["uid"]
     wait_for(
         lambda: job_status("doomed").get("phase") == "Training", 300, "training to start", describe=pod_logs
     )
@@ -141,10 +141,10 @@ def test_deleting_a_running_job_stops_everything(
 
 
 def test_missed_success_criteria_fail_the_job_with_the_reason(
-    launch: Any, job_status: Status, pod_logs: Callable[..., str]
+    launch_tiny: Any, job_status: Status, pod_logs: Callable[..., str]
 ) -> None:
     # Two steps teach the model nothing, so exact match cannot improve by 0.3.
-    launch("undertrained", hyperparameters={"maxSteps": 2})
+    launch_tiny("undertrained", hyperparameters={"maxSteps": 2})
     status = wait_for(
         lambda: finished(job_status, "undertrained"), 600, "the job to finish", interval=2, describe=pod_logs
     )
@@ -157,9 +157,9 @@ def test_missed_success_criteria_fail_the_job_with_the_reason(
 
 
 def test_rotated_secret_restarts_training_without_losing_work(
-    launch: Any, core: client.CoreV1Api, job_status: Status, pod_logs: Callable[..., str], namespace: str
+    launch_tiny: Any, core: client.CoreV1Api, job_status: Status, pod_logs: Callable[..., str], namespace: str
 ) -> None:
-    uid = launch("rotating", **LONGER)["metadata"]["uid"]
+    uid = launch_tiny("rotating", **LONGER)["metadata"]["uid"]
     before = wait_for(
         lambda: verified_checkpoint(job_status, "rotating"), 300, "a verified checkpoint", interval=1,
         describe=pod_logs,

@@ -165,7 +165,7 @@ def load_renderer() -> ModuleType:
 
 
 def test_prometheus_shows_a_fine_tune_as_the_dashboard_and_alerts_expect(
-    launch: Callable[..., dict[str, Any]],
+    launch_tiny: Callable[..., dict[str, Any]],
     job_status: Callable[[str], dict[str, Any]],
     pod_logs: Callable[[], str],
     core: client.CoreV1Api,
@@ -179,7 +179,7 @@ def test_prometheus_shows_a_fine_tune_as_the_dashboard_and_alerts_expect(
     user_id = f"user-{uuid.uuid4().hex[:8]}"
     with alert_rules_loaded(cluster, prometheus):
         start = time.time()
-        uid = launch(JOB, userId=user_id)["metadata"]["uid"]
+        uid = launch_tiny(JOB, userId=user_id)["metadata"]["uid"]
 
         # While it trains: both ends scraped, and the rules evaluate on live trainer series.
         def training_and_scraped() -> dict[str, str] | None:

@@ -153,3 +153,22 @@ def test_config_map_volume_items_and_mode(tmp_path: Path) -> None:
     materialize_volume(CTX, volume, tmp_path / "v", FakeObjects())
     assert [p.name for p in (tmp_path / "v").iterdir()] == ["c.json"]
     assert (tmp_path / "v" / "c.json").stat().st_mode & 0o777 == 0o440
+
+
+def test_a_container_without_command_runs_its_images_entrypoint_under_tini() -> None:
+    from localcluster.nodeagent.podspec import container_argv
+    from localcluster.tools import REPO_ROOT
+
+    container = {"name": "trainer", "image": "ghcr.io/finetune-dev/finetune-trainer:0.1.0", "args": ["--x"]}
+    argv = container_argv(container, REPO_ROOT, {"/usr/bin/tini": "/cache/bin/tini"})
+    assert argv == ["/cache/bin/tini", "--", "python", "-m", "finetune_trainer", "--x"]
+    # A command replaces the ENTRYPOINT, as on a real node.
+    assert container_argv({**container, "command": ["sh"]}, REPO_ROOT, {}) == ["sh", "--x"]
+
+
+def test_an_unknown_image_without_command_is_refused_by_name() -> None:
+    from localcluster.nodeagent.podspec import MountError, container_argv
+    from localcluster.tools import REPO_ROOT
+
+    with pytest.raises(MountError, match=r"image 'busybox:1' is not one of this project's"):
+        container_argv({"name": "c", "image": "busybox:1"}, REPO_ROOT, {})

@@ -13,6 +13,7 @@ import pytest
 from finetune_operator import api, builders, policy
 from finetune_operator.builders import JobRef
 from finetune_operator.settings import OperatorSettings
+from finetune_operator.status import EXIT_CODE_MEANINGS
 from finetune_trainer.config import parse_config
 from finetune_trainer.exitcodes import ExitCode
 
@@ -309,9 +310,12 @@ def test_pod_failure_policy_fails_fast_resumes_after_preemption(
             ExitCode.SUCCESS_CRITERIA_NOT_MET,
             ExitCode.DATA_REFUSED,
             ExitCode.CHECKPOINT_RESTORE_FAILED,
+            ExitCode.DIVERGED,
         ]
     )
-    assert by_action["Ignore"] == [ExitCode.PREEMPTED_CHECKPOINTED]
+    assert by_action["Ignore"] == [ExitCode.PREEMPTED_CHECKPOINTED, ExitCode.PREEMPTED_OUTSIDE_TRAINING]
+    for code in by_action["FailJob"] + by_action["Ignore"]:  # the status explains each of them
+        assert code in EXIT_CODE_MEANINGS, code
     assert rules[0] == {
         "action": "Ignore",
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
@@ -346,13 +350,9 @@ def test_trainer_container_runs_the_contract(
 ) -> None:
     pod = pod_spec(children_for(spec_dict(terminationGracePeriodSeconds=900), settings, job_ref))
     container = pod["containers"][0]
-    assert container["command"] == [
-        "python",
-        "-m",
-        "finetune_trainer",
-        "--config",
-        "/etc/finetune/config.json",
-    ]
+    # No command: the image's ENTRYPOINT (tini, then `python -m finetune_trainer`) receives the args.
+    assert "command" not in container
+    assert container["args"] == ["--config", "/etc/finetune/config.json"]
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
     assert container["image"] == settings.trainer_image
     assert pod["terminationGracePeriodSeconds"] == 900

@@ -206,7 +206,15 @@ def test_status_patch_refuses_what_the_crd_would_refuse() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "phrase"), [(3, "successCriteria"), (4, "data was refused"), (75, "resumes"), (42, "unexpected")]
+    ("code", "phrase"),
+    [
+        (3, "successCriteria"),
+        (4, "data was refused"),
+        (6, "diverged"),
+        (75, "resumes"),
+        (76, "outside training"),
+        (42, "unexpected"),
+    ],
 )
 def test_exit_codes_are_explained(code: int, phrase: str) -> None:
     text = status.explain_exit_code(code)

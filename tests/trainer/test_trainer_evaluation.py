@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import random
+import re
+import string
+from collections import Counter
+
 import pytest
+from rouge_score import rouge_scorer
 
 from finetune_trainer.config import SuccessCriterion
 from finetune_trainer.evaluation import Generation, check_criterion, diagnose, exact_match, rouge_l, token_f1
@@ -14,6 +20,121 @@ def test_text_metrics() -> None:
     assert token_f1("red river bank", "river bank") == pytest.approx(0.8)
     assert rouge_l("w x y z", "w y z") == pytest.approx(2 * (3 / 4) * 1 / (3 / 4 + 1))
     assert rouge_l("", "x") == 0.0
+
+
+# --- the official SQuAD v1.1 evaluation script's functions, as the reference ----------------------------
+
+
+def squad_normalize_answer(s: str) -> str:
+    """Lower text and remove punctuation, articles and extra whitespace."""
+
+    def remove_articles(text: str) -> str:
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text: str) -> str:
+        return " ".join(text.split())
+
+    def remove_punc(text: str) -> str:
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    def lower(text: str) -> str:
+        return text.lower()
+
+    return white_space_fix(remove_articles(remove_punc(lower(s))))
+
+
+def squad_f1_score(prediction: str, ground_truth: str) -> float:
+    prediction_tokens = squad_normalize_answer(prediction).split()
+    ground_truth_tokens = squad_normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    f1 = (2 * precision * recall) / (precision + recall)
+    return f1
+
+
+def squad_exact_match_score(prediction: str, ground_truth: str) -> bool:
+    return squad_normalize_answer(prediction) == squad_normalize_answer(ground_truth)
+
+
+PIECES = [
+    *["river", "bank", "stone", "Paris", "paris", "PARIS", "north", "south", "42", "3.14", "co-op", "don't"],
+    # Stemmed by ROUGE-L; "its" is not (3 letters), so it does not match "it".
+    *["rivers", "banks", "running", "nations", "happily", "stoned", "its", "it"],
+    *["a", "an", "the", "The", "AN", "A", "theory", "another", "banana"],  # articles, and words holding them
+    *["the,", "(a)", "an.", "x-the", "a's"],
+    *[",", ".", "!", "?", "'s", '"', "(", ")", "-", "...", ";", "%", "$"],
+    *["café", "Café", "naïve", "Straße", "東京", "Москва", "İstanbul", "ǅ", "—", "«", "»", "…", "\ufe0f"],
+    *["", " ", "\t", "\n", "\u00a0"],
+]
+
+
+def random_text(rng: random.Random) -> str:
+    glue = rng.choice(["", " ", " ", "  "])
+    return glue.join(rng.choice(PIECES) for _ in range(rng.randint(0, 8)))
+
+
+def random_pairs(count: int, seed: int) -> list[tuple[str, str]]:
+    """Random predictions and references, many sharing words (a prediction built from its reference)."""
+    rng = random.Random(seed)
+    pairs = [("", ""), ("", "the"), ("a", "the"), ("The.", "..."), ("river", ""), ("its", "it")]
+    while len(pairs) < count:
+        reference = random_text(rng)
+        if rng.random() < 0.5:
+            words = reference.split()
+            rng.shuffle(words)
+            kept = words[: rng.randint(0, len(words))]
+            prediction = " ".join(w.upper() if rng.random() < 0.3 else w for w in kept) + random_text(rng)
+        else:
+            prediction = random_text(rng)
+        pairs.append((prediction, reference))
+    return pairs
+
+
+PAIRS = random_pairs(400, seed=0)
+
+
+def test_the_random_pairs_cover_what_normalization_handles() -> None:
+    normalized = [squad_normalize_answer(p) for pair in PAIRS for p in pair]
+    assert sum(n == "" for n in normalized) > 20
+    assert sum(squad_exact_match_score(p, r) for p, r in PAIRS) > 20
+    assert sum(0 < squad_f1_score(p, r) < 1 for p, r in PAIRS) > 60
+    assert any(ch in "".join(normalized) for ch in "éß東М")
+
+
+@pytest.mark.parametrize(("prediction", "reference"), PAIRS)
+def test_exact_match_and_f1_agree_with_the_squad_script(prediction: str, reference: str) -> None:
+    assert exact_match(prediction, reference) == float(squad_exact_match_score(prediction, reference))
+    if squad_normalize_answer(prediction) and squad_normalize_answer(reference):
+        assert token_f1(prediction, reference) == pytest.approx(squad_f1_score(prediction, reference))
+    else:  # SQuAD v2.0's rule: F1 agrees with exact match when either side is empty
+        assert token_f1(prediction, reference) == float(squad_exact_match_score(prediction, reference))
+
+
+@pytest.mark.parametrize(("prediction", "reference"), [p for p in PAIRS if p[0].isascii() and p[1].isascii()])
+def test_rouge_l_is_rouge_score_with_stemming_on_english(prediction: str, reference: str) -> None:
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert rouge_l(prediction, reference) == pytest.approx(
+        scorer.score(reference, prediction)["rougeL"].fmeasure
+    )
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        ("the rivers", "river", 2 * 0.5 * 1 / 1.5),  # stemmed: rivers = river
+        ("Москва — столица России", "Столица России: Москва", 2 / 3),  # rouge-score's own tokens: none
+        ("東京", "東京", 1.0),
+        ("Straße", "strasse", 0.0),
+        ("", "", 0.0),
+    ],
+)
+def test_rouge_l_keeps_every_script(prediction: str, reference: str, expected: float) -> None:
+    assert rouge_l(prediction, reference) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from finetune_trainer.config import DeepSpeed, Hyperparameters, Method, ModelSource
 from finetune_trainer.methods.deepspeed import zero_config
-from finetune_trainer.methods.loading import load_for_training
+from finetune_trainer.methods.loading import Precision, choose_precision, load_for_training
 
 
 def test_zero2_config_from_the_spec() -> None:
@@ -38,6 +39,41 @@ def test_zero_config_without_a_gpu_needs_no_compiled_deepspeed_op() -> None:
     assert "optimizer" not in config  # the Trainer's torch AdamW, not DeepSpeed's compiled Adam
     assert "offload_optimizer" not in config["zero_optimization"]
     assert "optimizer" not in zero_config(DeepSpeed(enabled=True, stage=2), hp, True, cuda=True)
+
+
+def test_zero_config_follows_the_precision() -> None:
+    hp = Hyperparameters()
+    fp16 = zero_config(DeepSpeed(enabled=True, stage=2), hp, False, cuda=True, fp16=True)
+    assert fp16["bf16"] == {"enabled": False}
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0}  # 0: dynamic loss scaling
+    assert zero_config(DeepSpeed(enabled=True), hp, True)["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16_supported", "method", "compute_dtype", "expected"),
+    [
+        (False, False, "qlora", "bfloat16", Precision(bf16=False, fp16=False, quantized_compute="float32")),
+        (False, False, "lora", "bfloat16", Precision(bf16=False, fp16=False, quantized_compute="")),
+        (False, False, "full", "bfloat16", Precision(bf16=False, fp16=False, quantized_compute="")),
+        (True, True, "qlora", "bfloat16", Precision(bf16=True, fp16=False, quantized_compute="bfloat16")),
+        (True, False, "qlora", "bfloat16", Precision(bf16=False, fp16=True, quantized_compute="float16")),
+        (True, True, "qlora", "float16", Precision(bf16=False, fp16=True, quantized_compute="float16")),
+        (True, False, "qlora", "float16", Precision(bf16=False, fp16=True, quantized_compute="float16")),
+        (True, True, "qlora", "float32", Precision(bf16=False, fp16=False, quantized_compute="float32")),
+        (True, True, "lora", "bfloat16", Precision(bf16=True, fp16=False, quantized_compute="")),
+        (True, True, "full", "float16", Precision(bf16=True, fp16=False, quantized_compute="")),
+        (True, False, "lora", "bfloat16", Precision(bf16=False, fp16=False, quantized_compute="")),
+        (True, False, "full", "bfloat16", Precision(bf16=False, fp16=False, quantized_compute="")),
+    ],
+)
+def test_precision_by_device_and_method(
+    cuda: bool, bf16_supported: bool, method: str, compute_dtype: str, expected: Precision
+) -> None:
+    got = choose_precision(
+        cuda=cuda, bf16_supported=bf16_supported, method=method, compute_dtype=compute_dtype
+    )
+    assert got == expected
+    assert not (got.bf16 and got.fp16)
 
 
 def _step(model: torch.nn.Module) -> tuple[float, float]:

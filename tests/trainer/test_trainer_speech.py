@@ -12,8 +12,9 @@ import pytest
 from finetune_trainer.config import Audio
 from finetune_trainer.data.audio import Clip, check_sample_rate, read_clip
 from finetune_trainer.data.errors import DataError
-from finetune_trainer.evaluation import word_error_rate
+from finetune_trainer.evaluation import basic_normalizer, word_error_rate
 from finetune_trainer.exitcodes import ExitCode
+from finetune_trainer.speech import transcript_max_new_tokens, wer_normalizer
 from finetune_trainer.testing.cli import base_config, run_trainer
 from finetune_trainer.testing.tiny import (
     SPEECH_RATE,
@@ -67,7 +68,7 @@ def speech_config(model: Path, data: Path, out: Path, method: str) -> dict[str, 
             "loggingSteps": 5,
             "warmupRatio": 0.0,
         },
-        validation={"maxNewTokens": 6, "maxGenerationSamples": 8, "everyEpoch": False},
+        validation={"maxGenerationSamples": 8, "everyEpoch": False},  # maxNewTokens: from the transcripts
     )
     config["dataset"] = {
         "source": str(data),
@@ -156,10 +157,54 @@ def test_clips_at_another_rate_are_resampled_keeping_length_and_pitch(tmp_path: 
         (["apple river"], ["apple river"], 0.0),
         (["apple stone"], ["apple river"], 0.5),  # one substitution
         (["apple"], ["apple river"], 0.5),  # one deletion
-        (["the apple, river!"], ["Apple river"], 0.0),  # normalized: case, punctuation, articles
+        (["Apple, river!"], ["apple river"], 0.0),  # normalized: case, punctuation
+        (["the apple river"], ["apple river"], 0.5),  # an article is a word to transcribe
+        (["apple [noise] river (um)"], ["apple river"], 0.0),  # bracketed asides are not words
+        (["café"], ["cafe"], 1.0),  # the basic normalizer keeps diacritics
         (["b c d e"], ["x"], 4.0),  # insertions can push WER above 1
         (["apple", ""], ["apple", "river stone"], 2 / 3),  # corpus-level, not a mean of rates
     ],
 )
 def test_word_error_rate(predictions: list[str], references: list[str], wer: float) -> None:
     assert word_error_rate(predictions, references) == pytest.approx(wer)
+
+
+def test_word_error_rate_with_the_english_normalizer() -> None:
+    english = wer_normalizer("english", {"colour": "color"})
+    said, written = ["twenty five colour, Mr. Smith"], ["25 color mister smith"]
+    assert word_error_rate(said, written, english) == 0.0
+    assert word_error_rate(said, written, basic_normalizer()) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("language", "spelling", "normalizer"),
+    [
+        ("english", {"colour": "color"}, "EnglishTextNormalizer"),
+        ("en", {"colour": "color"}, "EnglishTextNormalizer"),
+        (None, {"colour": "color"}, "EnglishTextNormalizer"),  # no language: English-only checkpoints
+        ("french", {"colour": "color"}, "BasicTextNormalizer"),  # English rules would mangle French
+        ("english", None, "BasicTextNormalizer"),  # no normalizer.json among the tokenizer's files
+        (None, {}, "BasicTextNormalizer"),
+    ],
+)
+def test_wer_normalizer(language: str | None, spelling: dict[str, str] | None, normalizer: str) -> None:
+    assert type(wer_normalizer(language, spelling)).__name__ == normalizer
+
+
+def clips_with_labels(*lengths: int) -> list[Clip]:
+    return [Clip(Path(f"{i}.wav"), "x", 1.0, SPEECH_RATE, tuple(range(n))) for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize(
+    ("configured", "labels", "expected"),
+    [
+        (6, (3,), 6),  # the job's validation.maxNewTokens
+        (500, (3,), 60),  # never past the decoder's positions: 64 less the prefix of 4
+        (None, (3, 5), 13),  # the longest transcript and a margin of 8
+        (None, (40,), 50),
+        (None, (90,), 60),
+        (None, (), 60),
+    ],
+)
+def test_transcript_max_new_tokens(configured: int | None, labels: tuple[int, ...], expected: int) -> None:
+    assert transcript_max_new_tokens(configured, clips_with_labels(*labels), 64, 4) == expected

@@ -1,7 +1,8 @@
 """`python -m finetune_trainer --config PATH`: validate, diagnose, train, exit with a contract code.
 
 The config is validated before torch or transformers are imported, so a bad config
-fails in well under a second with one line per bad field.
+fails in well under a second with one line per bad field. SIGTERM is handled from the first line
+(see `termination`): outside training the run stops within seconds and exits 76.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from finetune_trainer import termination
 from finetune_trainer.config import (
     CONFIG_PATH_ENV,
     DEFAULT_CONFIG_PATH,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
 log = logging.getLogger("finetune_trainer")
+PREEMPTED = (ExitCode.PREEMPTED_CHECKPOINTED, ExitCode.PREEMPTED_OUTSIDE_TRAINING)
 
 
 def setup_logging() -> None:
@@ -77,7 +80,7 @@ def run_config(config: TrainerConfig) -> ExitCode:
     metrics.set_runtime(flags | runtime.library_versions())
     metrics.serve(config.metrics_port)  # on $POD_IP when set
     code = train_and_report(config, metrics, reporter, rendezvous)
-    if code != ExitCode.PREEMPTED_CHECKPOINTED:  # also when only another rank got the SIGTERM
+    if code not in PREEMPTED:  # also when only another rank got the SIGTERM
         metrics.linger(config.metrics_linger_seconds)  # the pod's last values reach Prometheus
     return code
 
@@ -94,6 +97,8 @@ def train_and_report(
 
     try:
         return run(config, metrics, reporter, rendezvous)
+    except termination.Terminated:
+        return stopped_outside_training(reporter)
     except (ConfigError, MethodError) as exc:
         code, messages = ExitCode.INVALID_CONFIG, getattr(exc, "messages", [str(exc)])
     except DataError as exc:
@@ -110,14 +115,30 @@ def train_and_report(
     return code
 
 
+def stopped_outside_training(reporter: ProgressReporter) -> ExitCode:
+    phase = reporter.report.phase.value.lower()
+    message = (
+        f"stopped by SIGTERM in phase {phase}: nothing new to checkpoint; "
+        "the next pod starts again from the last committed checkpoint"
+    )
+    log.warning("%s", message)
+    reporter.update(message=message, force=True)
+    return ExitCode.PREEMPTED_OUTSIDE_TRAINING
+
+
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse_args(argv)
+    termination.stop_on_sigterm()  # first: a pod deleted while Python starts stops cleanly too
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        return int(_invalid(exc.messages))
-    return int(run_config(config))
+        setup_logging()
+        args = parse_args(argv)
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return int(_invalid(exc.messages))
+        return int(run_config(config))
+    except termination.Terminated:
+        log.warning("stopped by SIGTERM while starting: nothing to checkpoint yet")
+        return int(ExitCode.PREEMPTED_OUTSIDE_TRAINING)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Trainer callbacks: metrics and progress, loss divergence, prompts each epoch, checkpoints, SIGTERM."""
+"""Trainer callbacks: metrics and progress, divergence, prompts each epoch, checkpoints, SIGTERM."""
 
 from __future__ import annotations
 
@@ -29,9 +29,31 @@ _STEP_DIR = re.compile(r"checkpoint-(\d+)$")
 class RunState:
     """What callbacks learned that decides the exit code."""
 
-    stop_reason: str = ""
+    stop_reason: str = ""  # training diverged (exit 6): the job's status message
     preempted: bool = False
     checkpoint_steps: list[int] = field(default_factory=list)
+
+    def diverged(self, message: str) -> None:
+        """The first divergence is the one to report: later checks only see its consequences."""
+        if not self.stop_reason:
+            self.stop_reason = message
+            log.error("stopping: %s", message)
+
+
+def divergence_message(step: int, what: str, learning_rate: float, spike: bool = False) -> str:
+    spike_fix = ", raise hyperparameters.lossSpikeFactor" if spike else ""
+    return (
+        f"training diverged at step {step}: {what} (fix: lower hyperparameters.learningRate from "
+        f"{learning_rate:g}, raise hyperparameters.warmupRatio{spike_fix}, or train in bfloat16 rather "
+        "than float16 (model.dtype); no checkpoint from this step on is kept)"
+    )
+
+
+def stop_before_saving(control: TrainerControl) -> None:
+    """After a divergence nothing is saved or evaluated: the weights may no longer be finite."""
+    control.should_training_stop = True
+    control.should_save = False
+    control.should_evaluate = False
 
 
 class ProgressCallback(TrainerCallback):
@@ -83,7 +105,7 @@ class ProgressCallback(TrainerCallback):
             m.labels(m.learning_rate).set(logs["learning_rate"])
         if "loss" in logs:
             m.labels(m.train_loss).set(logs["loss"])
-            self._check_divergence(float(logs["loss"]), state, control)
+        self._check_divergence(logs, args, state, control)
         remaining = state.max_steps - state.global_step
         progress = Progress(
             step=state.global_step,
@@ -97,22 +119,107 @@ class ProgressCallback(TrainerCallback):
         log.info("progress: %s", progress.model_dump_json(by_alias=True, exclude_none=True))
         self.reporter.update(phase=Phase.TRAINING, progress=progress)
 
-    def _check_divergence(self, loss: float, state: TrainerState, control: TrainerControl) -> None:
-        self._logs += 1
-        if not math.isfinite(loss):
-            reason = f"training loss became {loss} at step {state.global_step}"
-        elif self._logs > DIVERGENCE_WARMUP_LOGS and loss > self.spike_factor * self._min_loss:
-            reason = (
-                f"training loss spiked to {loss:.4g} at step {state.global_step}, more than "
-                f"{self.spike_factor:g}x its minimum {self._min_loss:.4g} "
-                "(fix: lower hyperparameters.learningRate or raise hyperparameters.lossSpikeFactor)"
-            )
+    def _check_divergence(
+        self, logs: dict[str, Any], args: TrainingArguments, state: TrainerState, control: TrainerControl
+    ) -> None:
+        loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
+        spike = False
+        if loss is not None and not math.isfinite(loss):
+            what = f"loss {loss}"
+        elif grad_norm is not None and not math.isfinite(grad_norm) and not args.fp16:
+            what = f"gradient norm {grad_norm}"  # fp16's loss scaling skips such steps on purpose
+        elif loss is None:
+            return
+        elif self._logs >= DIVERGENCE_WARMUP_LOGS and loss > self.spike_factor * self._min_loss:
+            what = f"loss spiked to {loss:.4g}, above {self.spike_factor:g}x its minimum {self._min_loss:.4g}"
+            spike = True
         else:
+            self._logs += 1
             self._min_loss = min(self._min_loss, loss)
             return
-        self.run.stop_reason = f"diverged: {reason}"
-        log.error("stopping: %s", self.run.stop_reason)
-        control.should_training_stop = True
+        self.run.diverged(divergence_message(state.global_step, what, args.learning_rate, spike))
+        stop_before_saving(control)
+
+
+class DivergenceCallback(TrainerCallback):
+    """Each optimizer step: a training loss that is not finite stops training before anything is
+    saved or evaluated. Losses are logged every loggingSteps only, and a checkpoint in between would
+    hold the non-finite weights such a loss leaves behind. The raw losses are read from the model's
+    forward pass: transformers would replace a NaN by the running mean (`logging_nan_inf_filter`)."""
+
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        self._losses: list[Any] = []
+        self._hook: Any = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kw: Any,
+    ) -> None:
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_hook(self._observe)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _observe(self, module: Any, inputs: Any, output: Any) -> None:
+        loss = getattr(output, "loss", None)
+        if module.training and loss is not None:
+            self._losses.append(loss.detach())
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        bad, self._losses = first_non_finite(self._losses), []
+        if not true_on_any_rank(bad is not None):  # every rank stops at the same step
+            return
+        what = f"loss {bad}" if bad is not None else "loss not finite on another rank"
+        self.run.diverged(divergence_message(state.global_step, what, args.learning_rate))
+        stop_before_saving(control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self.run.stop_reason:
+            stop_before_saving(control)
+
+
+def first_non_finite(losses: list[Any]) -> float | None:
+    """The first value that is NaN or infinite, else None: one device sync for all micro-batches."""
+    if not losses:
+        return None
+    import torch
+
+    values = torch.cat([loss.float().flatten().to(losses[0].device) for loss in losses])
+    bad = ~torch.isfinite(values)
+    return float(values[bad][0].item()) if bool(bad.any()) else None
+
+
+def non_finite_weight(model: Any) -> tuple[str, float] | None:
+    """The first trainable weight holding NaN or Inf, with its sum, else None. Sums in float32 make
+    no copy of a large weight; a ZeRO-3 weight is checked in this rank's partition (`ds_tensor`)."""
+    if model is None:
+        return None
+    import torch
+
+    named = [(n, getattr(p, "ds_tensor", p)) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    device = named[0][1].device
+    sums = torch.stack([t.sum(dtype=torch.float32).to(device) for _, t in named])
+    bad = (~torch.isfinite(sums)).nonzero()
+    if not len(bad):
+        return None
+    index = int(bad[0].item())
+    return named[index][0], float(sums[index].item())
 
 
 class EvalMetricsCallback(TrainerCallback):
@@ -142,9 +249,11 @@ class PromptsCallback(TrainerCallback):
         out_dir: Path,
         metrics: TrainerMetrics,
         reporter: ProgressReporter,
+        max_new_tokens: int,
     ) -> None:
         self.config, self.tokenizer, self.out_dir = config, tokenizer, out_dir
         self.metrics, self.reporter = metrics, reporter
+        self.max_new_tokens = max_new_tokens
 
     def on_epoch_end(
         self,
@@ -165,13 +274,16 @@ class PromptsCallback(TrainerCallback):
             self.tokenizer,
             self.out_dir / "prompts" if main else None,
             f"epoch-{round(state.epoch or 0)}",
+            self.max_new_tokens,
         )
         if main:
             self.metrics.set_predictions(predictions)
             self.reporter.update(predictions=predictions)
 
 
-def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Path | None, name: str) -> Any:
+def diagnose_model(
+    config: TrainerConfig, model: Any, tokenizer: Any, folder: Path | None, name: str, max_new_tokens: int
+) -> Any:
     """Generate validation prompts and scenarios, store them as JSONL in `folder` (when given: the
     other ranks of sharded weights only take part in generating), return the diagnostic."""
     v = config.validation
@@ -179,8 +291,9 @@ def diagnose_model(config: TrainerConfig, model: Any, tokenizer: Any, folder: Pa
     expected: list[str | None] = [None] * len(v.prompts) + [s.expect for s in v.held_out_scenarios]
     if not texts:
         return evaluation.diagnose([], [], [])
+    prompts = [evaluation.user_prompt(tokenizer, t) for t in texts]
     outputs = evaluation.generate(
-        model, tokenizer, [evaluation.user_prompt(tokenizer, t) for t in texts], v.max_new_tokens
+        model, tokenizer, prompts, max_new_tokens, config.hyperparameters.batch_size
     )
     if folder is None:
         return evaluation.diagnose(texts, outputs, expected)
@@ -215,14 +328,29 @@ class CheckpointCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        self.run.checkpoint_steps.append(state.global_step)
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if self._refuse_non_finite(folder, args, state, control, kw.get("model")):
+            return
+        self.run.checkpoint_steps.append(state.global_step)
         if folder.is_dir() and state.is_world_process_zero:
             self._hand_over(folder, state, kw.get("model"))
         elif folder.is_dir():
             self.sink.save(folder, state.global_step, {})
             prune_local_checkpoints(folder.parent, args.save_total_limit)
         distributed.patient_barrier()  # rank 0 may be verifying the first checkpoint meanwhile
+
+    def _refuse_non_finite(
+        self, folder: Path, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any
+    ) -> bool:
+        """A checkpoint with NaN or Inf weights is deleted, never handed to the sink; training stops."""
+        bad = non_finite_weight(model)
+        if not true_on_any_rank(bad is not None):
+            return False
+        what = f"weight {bad[0]} sums to {bad[1]}" if bad else "a weight is not finite on another rank"
+        self.run.diverged(divergence_message(state.global_step, what, args.learning_rate))
+        shutil.rmtree(folder, ignore_errors=True)
+        stop_before_saving(control)
+        return True
 
     def _hand_over(self, folder: Path, state: TrainerState, model: Any) -> None:
         if self.run.preempted:
@@ -256,30 +384,31 @@ def _last_metrics(state: TrainerState) -> dict[str, float]:
 
 
 class PreemptionCallback(TrainerCallback):
-    """SIGTERM: save a checkpoint at the end of the current step, then stop (exit 75)."""
+    """SIGTERM: save a checkpoint at the end of the current step, then stop (exit 75). SIGTERM only
+    waits for the step while `termination.deferred()` is on (around `trainer.train`)."""
 
     def __init__(self, run: RunState) -> None:
         self.run = run
-        termination.catch_sigterm()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        if signalled_on_any_rank(termination.requested()):
+        if true_on_any_rank(termination.requested()) and not self.run.stop_reason:
             self.run.preempted = True
             control.should_save = True
             control.should_training_stop = True
 
 
-def signalled_on_any_rank(signalled: bool) -> bool:
-    """SIGTERM reaches a job's pods at different steps, but saving a ZeRO checkpoint is collective:
-    every rank stops at the first step after which any rank was signalled."""
+def true_on_any_rank(flag: bool) -> bool:
+    """SIGTERM reaches a job's pods at different steps, and a loss is one rank's own, but saving a
+    ZeRO checkpoint is collective: every rank stops at the first step any rank asked to. Every rank
+    must call it at the same point."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return signalled
+        return flag
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([int(signalled)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    anywhere = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    return bool(anywhere.item())

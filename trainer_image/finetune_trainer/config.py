@@ -107,6 +107,21 @@ class Preprocessing(_Spec):
     repeated_line_min_fraction: float = Field(
         default=0.3, gt=0.0, le=1.0, description="...and in at least this fraction of documents"
     )
+    warn_duplicate_share: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="warn when more than this share of examples are duplicates"
+    )
+    max_duplicate_share: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="refuse the data above this share of duplicates (1.0: never)"
+    )
+    max_bad_example_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "examples that cannot be trained on (empty answer, answer cut off by maxTokens, tokenizer round "
+            "trip fails) are dropped and counted; refuse the data when more than this share are"
+        ),
+    )
 
 
 class Chunking(_Spec):
@@ -261,7 +276,14 @@ class Validation(_Spec):
     every_epoch: bool = True
     prompts: list[str] = Field(default_factory=list, description="generated and stored each epoch")
     held_out_scenarios: list[Scenario] = Field(default_factory=list)
-    max_new_tokens: PositiveInt = 32
+    max_new_tokens: PositiveInt | None = Field(
+        default=None,
+        description=(
+            "longest generation; unset: the longest held-out reference answer (speech: transcript) in "
+            "the model's tokens plus a quarter (at least 8), at most 256 (speech: the decoder's "
+            "max_target_positions)"
+        ),
+    )
     max_generation_samples: PositiveInt = Field(
         default=64, description="test examples scored by generation (exact_match, token_f1, rougeL)"
     )

@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_trainer.config import Scenario, SuccessCriterion
 from finetune_trainer.data.formats import Example, Message
 from finetune_trainer.data.tokenization import render
-from finetune_trainer.report_model import CheckResult, Predictions
+from finetune_trainer.report_model import CheckResult, Predictions, Sample
 
 LOWER_IS_BETTER = {"eval_loss", "perplexity", "wer"}
 GENERATION_METRICS = ("exact_match", "token_f1", "rougeL")
 
-# --- text metrics (SQuAD-style normalization) ------------------------------------------------------------
+# --- text metrics ----------------------------------------------------------------------------------------
+# Exact match and token F1 follow the SQuAD evaluation script; ROUGE-L is rouge-score's; WER is jiwer's
+# over text normalized as Whisper's evaluation normalizes it.
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NOT_ALPHANUMERIC = re.compile(r"[\W_]+")  # rouge-score's [^a-z0-9]+, for every script
 
 
 def normalize_answer(text: str) -> str:
+    """SQuAD's normalization: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
@@ -33,6 +38,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1; when either side normalizes to nothing, 1.0 only if both do (SQuAD v2.0's
+    rule: v1.1 scores that 0.0 while exact match scores it 1.0)."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     common = sum((Counter(pred) & Counter(ref)).values())
     if not pred or not ref or common == 0:
@@ -41,52 +48,149 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+class _RougeTokenizer:
+    """rouge-score's default tokenization (lower case, split at non-alphanumerics, Porter stems of
+    words over 3 characters), but keeping letters and digits of every script: the default keeps
+    only a-z and 0-9, so a Cyrillic or Japanese answer would have no tokens and score 0."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _NOT_ALPHANUMERIC.sub(" ", text.lower()).split()
+        return [self._stemmer.stem(w) if len(w) > 3 else w for w in words]
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure over normalized tokens (longest common subsequence)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    previous = [0] * (len(ref) + 1)
-    for p in pred:
-        current = [0]
-        for j, r in enumerate(ref):
-            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
+    """ROUGE-L F-measure (longest common subsequence) from rouge-score, with stemming so that
+    "rivers" matches "river"; 0.0 when either side has no words."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def basic_normalizer() -> Callable[[str], str]:
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    normalize: Callable[[str], str] = BasicTextNormalizer()
+    return normalize
+
+
+def word_error_rate(
+    predictions: Sequence[str], references: Sequence[str], normalize: Callable[[str], str] | None = None
+) -> float:
+    """Corpus WER from jiwer: substitutions, deletions and insertions over all reference words, on
+    text normalized by `normalize` (default: Whisper's BasicTextNormalizer: lower case, no
+    punctuation or bracketed asides). With no reference words: 0.0, or 1.0 if anything was said."""
+    import jiwer
+
+    normalize = normalize or basic_normalizer()
+    refs = [" ".join(normalize(r).split()) for r in references]
+    hyps = [" ".join(normalize(p).split()) for p in predictions]
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(hyps)} transcriptions for {len(refs)} references")
+    if not refs:
         return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _edit_distance(hypothesis: Sequence[str], reference: Sequence[str]) -> int:
-    previous = list(range(len(reference) + 1))
-    for i, word in enumerate(hypothesis, start=1):
-        current = [i]
-        for j, ref in enumerate(reference, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != ref)))
-        previous = current
-    return previous[-1]
-
-
-def word_error_rate(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus WER: word substitutions, insertions and deletions over reference words (normalized text)."""
-    errors = words = 0
-    for prediction, reference in zip(predictions, references, strict=True):
-        ref = normalize_answer(reference).split()
-        errors += _edit_distance(normalize_answer(prediction).split(), ref)
-        words += len(ref)
+    counts = jiwer.process_words(refs, hyps)
+    errors = counts.substitutions + counts.deletions + counts.insertions
+    words = counts.substitutions + counts.deletions + counts.hits
     return errors / words if words else float(errors > 0)
 
 
 # --- generation ------------------------------------------------------------------------------------------
+
+MAX_NEW_TOKENS_CAP = 256  # derived lengths stop here: each evaluation generates this many at most
+MIN_MARGIN_TOKENS = 8
+_TURN_PROBE = "Q7xZ2probe"  # content no template alters, to find what a template puts after it
 
 
 @dataclass
 class Generation:
     prompt: str
     text: str
-    stopped: bool  # ended with EOS before max_new_tokens
+    stopped: bool  # ended at one of the stop tokens (stop_token_ids) before max_new_tokens
+
+
+def derived_max_new_tokens(
+    configured: int | None, reference_tokens: Sequence[int], cap: int = MAX_NEW_TOKENS_CAP
+) -> int:
+    """validation.maxNewTokens when set; else the longest reference in tokens plus a quarter (at
+    least MIN_MARGIN_TOKENS), at most `cap`; `cap` when there are no references."""
+    if configured is not None:
+        return configured
+    if not reference_tokens:
+        return cap
+    longest = max(reference_tokens)
+    return min(cap, longest + max(MIN_MARGIN_TOKENS, longest // 4))
+
+
+def answer_tokens(tokenizer: Any, examples: Sequence[Example]) -> list[int]:
+    """Each chat example's reference answer in the model's tokens, with its end-of-turn token."""
+    answers = [e.answer() for e in examples if e.text is None]
+    return [len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers]
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Named special tokens and added tokens marked special (Llama 3's <|eot_id|> is only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+
+
+def end_of_turn_token(tokenizer: Any) -> int | None:
+    """The special token the chat template puts right after an assistant turn (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, eos), found by rendering one turn; None when there is none."""
+    turn: list[Message] = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        rendered = render(tokenizer, turn)
+    except Exception:  # no template, or one that refuses this conversation: no turn end to learn
+        return None
+    if _TURN_PROBE not in rendered:
+        return None
+    after = rendered[rendered.rindex(_TURN_PROBE) + len(_TURN_PROBE) :].lstrip()  # Llama 2: " </s>"
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return int(ids[0]) if ids and ids[0] in special_token_ids(tokenizer) else None
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+    """Every token that ends a generation: the model's generation_config eos (often a list), the
+    chat template's end-of-turn token and the tokenizer's eos; base models of chat families end
+    turns with a token their tokenizer's eos is not."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    listed = list(configured) if isinstance(configured, list | tuple) else [configured]
+    candidates = [*listed, end_of_turn_token(tokenizer), tokenizer.eos_token_id]
+    return list(dict.fromkeys(int(i) for i in candidates if i is not None))
+
+
+def pad_token_id(tokenizer: Any, stops: Sequence[int]) -> int:
+    """The tokenizer's pad token, else eos, else unk: left padding is masked out, so any token works."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, *stops):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("tokenizer: no pad, eos or unk token (fix: set eos_token in tokenizer_config.json)")
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids padded on the left to one width, and their attention mask: a decoder continues
+    from the last position, so the prompts must end together."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = [[pad] * (width - len(s)) + list(s) for s in sequences]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+    return ids, mask
+
+
+def until_stop(new_tokens: Sequence[int], stops: Collection[int]) -> tuple[list[int], bool]:
+    """The generated tokens before the first stop token, and whether one came."""
+    for i, token in enumerate(new_tokens):
+        if token in stops:
+            return list(new_tokens[:i]), True
+    return list(new_tokens), False
 
 
 def sharded(model: Any) -> bool:
@@ -112,38 +216,49 @@ def finished_everywhere(finished: bool, synced: bool, device: Any) -> bool:
     return bool(flag.item())
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
-    """Greedy generations for rendered prompts, one at a time (no padding effects).
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8
+) -> list[Generation]:
+    """Greedy generations for rendered prompts, `batch_size` at a time, left-padded with an
+    attention mask, ending at any of `stop_token_ids`; in the order of `prompts`.
 
-    On sharded weights every rank calls this with the same prompts; `synced_gpus` keeps a rank
-    that reached EOS running forward passes until every rank has finished its prompt."""
+    Prompts of similar length are batched together (less padding). On sharded weights every rank
+    calls this with the same prompts, so every rank runs the same batches; `synced_gpus` keeps a
+    rank whose batch has finished running forward passes until every rank's has."""
     import torch
 
-    was_training = model.training
-    model.eval()
-    results = []
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = pad_token_id(tokenizer, stops)
     device = next(model.parameters()).device
     synced = sharded(model)
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=synced,
-            )
-            new = out[0, ids.shape[1] :].tolist()
-            stopped = tokenizer.eos_token_id in new
-            text = tokenizer.decode(new, skip_special_tokens=True).strip()
-            results.append(Generation(prompt, text, stopped))
-    if was_training:
-        model.train()
-    return results
+    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: dict[int, Generation] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                ids, mask = left_pad([encoded[i] for i in batch], pad)
+                input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.tensor(mask, dtype=torch.long, device=device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=pad,
+                    eos_token_id=stops,
+                    synced_gpus=synced,
+                )
+                for row, i in enumerate(batch):
+                    kept, stopped = until_stop(out[row, input_ids.shape[1] :].tolist(), stops)
+                    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    results[i] = Generation(prompts[i], text, stopped)
+    finally:
+        model.train(was_training)
+    return [results[i] for i in range(len(prompts))]
 
 
 def user_prompt(tokenizer: Any, text: str) -> str:
@@ -155,29 +270,77 @@ def example_prompt(tokenizer: Any, example: Example) -> str:
     return render(tokenizer, messages, generation_prompt=True)
 
 
-def generation_metrics(
-    model: Any, tokenizer: Any, examples: Sequence[Example], limit: int, max_new_tokens: int
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class Answered:
+    """A held-out example and what the model generated for it."""
+
+    prompt: str  # the last user message, as a person would read it
+    reference: str
+    output: str
+
+
+def answer_examples(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    limit: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[Answered]:
     chats = [e for e in examples if e.text is None][:limit]
     if not chats:
+        return []
+    prompts = [example_prompt(tokenizer, e) for e in chats]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return [
+        Answered(e.prompt_messages()[-1]["content"], e.answer(), o.text)
+        for e, o in zip(chats, outputs, strict=True)
+    ]
+
+
+def score_answers(answers: Sequence[Answered]) -> dict[str, float]:
+    if not answers:
         return {}
-    outputs = generate(model, tokenizer, [example_prompt(tokenizer, e) for e in chats], max_new_tokens)
     scores = {name: 0.0 for name in GENERATION_METRICS}
-    for example, output in zip(chats, outputs, strict=True):
-        scores["exact_match"] += exact_match(output.text, example.answer())
-        scores["token_f1"] += token_f1(output.text, example.answer())
-        scores["rougeL"] += rouge_l(output.text, example.answer())
-    return {name: total / len(chats) for name, total in scores.items()}
+    for a in answers:
+        scores["exact_match"] += exact_match(a.output, a.reference)
+        scores["token_f1"] += token_f1(a.output, a.reference)
+        scores["rougeL"] += rouge_l(a.output, a.reference)
+    return {name: total / len(answers) for name, total in scores.items()}
+
+
+def generation_metrics(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    limit: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    return score_answers(answer_examples(model, tokenizer, examples, limit, max_new_tokens, batch_size))
+
+
+SAMPLE_COUNT = 3  # held-out answers shown in the job's status, before and after training
+
+
+def merge_samples(samples: Sequence[Sample], answers: Sequence[Answered], phase: str) -> list[Sample]:
+    """The first answers of this phase ("baseline" or "final") beside the other phase's answers to the
+    same examples; an example the other phase did not answer starts a new sample."""
+    known = {(x.prompt, x.reference): x for x in samples}
+    merged = []
+    for a in answers[:SAMPLE_COUNT]:
+        sample = known.get((a.prompt, a.reference), Sample(prompt=a.prompt, reference=a.reference))
+        merged.append(sample.model_copy(update={phase: a.output}))
+    return merged
 
 
 def scenario_pass_rate(
-    model: Any, tokenizer: Any, scenarios: Sequence[Scenario], max_new_tokens: int
+    model: Any, tokenizer: Any, scenarios: Sequence[Scenario], max_new_tokens: int, batch_size: int = 8
 ) -> dict[str, float]:
     if not scenarios:
         return {}
-    outputs = generate(
-        model, tokenizer, [user_prompt(tokenizer, s.prompt) for s in scenarios], max_new_tokens
-    )
+    prompts = [user_prompt(tokenizer, s.prompt) for s in scenarios]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     passed = sum(s.expect.lower() in o.text.lower() for s, o in zip(scenarios, outputs, strict=True))
     return {"scenario_pass_rate": passed / len(scenarios)}
 

@@ -10,4 +10,6 @@ class ExitCode(IntEnum):
     SUCCESS_CRITERIA_NOT_MET = 3
     DATA_REFUSED = 4  # small-data rule, failed tokenization checks, bad data
     CHECKPOINT_RESTORE_FAILED = 5
+    DIVERGED = 6  # non-finite or spiking loss: a retry from the last checkpoint would diverge again
     PREEMPTED_CHECKPOINTED = 75  # SIGTERM and a committed checkpoint: resume, not a failure
+    PREEMPTED_OUTSIDE_TRAINING = 76  # SIGTERM while preparing, loading or evaluating: nothing new to save

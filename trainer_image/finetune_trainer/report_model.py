@@ -56,7 +56,9 @@ class DataSummary(_Doc):
     chunks: int = 0
     truncated: int = 0
     bad_examples_dropped: int = Field(default=0, description="examples that cannot be trained on, left out")
-    bad_example_reasons: dict[str, int] = Field(default_factory=dict, description="reason -> examples dropped")
+    bad_example_reasons: dict[str, int] = Field(
+        default_factory=dict, description="reason -> examples dropped"
+    )
     split: SplitSizes = Field(default_factory=SplitSizes)
 
 
@@ -88,6 +90,15 @@ class Predictions(_Doc):
     checks: list[CheckResult] = Field(default_factory=list)
 
 
+class Sample(_Doc):
+    """A held-out test example with the base model's and the tuned model's answers."""
+
+    prompt: str
+    reference: str
+    baseline: str | None = None
+    final: str | None = None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -101,6 +112,7 @@ class TrainerReport(_Doc):
     checkpoint: CheckpointInfo | None = None
     final: dict[str, float] = Field(default_factory=dict)
     predictions: Predictions | None = None
+    samples: list[Sample] = Field(default_factory=list)
     message: str = ""
     updated_at: str = Field(default_factory=_now)
 

@@ -15,7 +15,7 @@ from finetune_trainer.distributed import SINGLE, Rendezvous
 from finetune_trainer.redact import secret_names
 
 log = logging.getLogger(__name__)
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 ALWAYS_REQUIRED_ENV = ("JOB_ID",)
 
 

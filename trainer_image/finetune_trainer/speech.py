@@ -8,7 +8,7 @@ rate (WER) from greedy transcriptions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from finetune_trainer import evaluation
@@ -79,12 +79,44 @@ class SpeechCollator:
         return {"input_features": self.features(clips), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
+def decoder_prefix(decoder_start: int, tokenizer: Any) -> list[int]:
+    """What a transcription starts from: the start token and the tokenizer's prefix (language,
+    task, no timestamps), as the labels are built (see label_ids)."""
+    return [decoder_start, *label_ids(tokenizer, "")[:-1]]
+
+
+def transcript_max_new_tokens(
+    configured: int | None, clips: Sequence[Clip], max_target_positions: int, prefix: int
+) -> int:
+    """validation.maxNewTokens, or the longest held-out transcript's labels plus a margin; at most
+    what the decoder's positions leave after the prefix (max_target_positions, 448 for Whisper)."""
+    room = max(1, max_target_positions - prefix)
+    lengths = [len(c.label_ids) for c in clips]
+    return min(room, evaluation.derived_max_new_tokens(configured, lengths, cap=room))
+
+
+def wer_normalizer(language: str | None, spelling: Mapping[str, str] | None) -> Callable[[str], str]:
+    """Whisper's EnglishTextNormalizer (spelled-out numbers, British spellings, contractions) for
+    English transcripts when the tokenizer's files carry the spelling mapping (normalizer.json, as
+    OpenAI's Whisper checkpoints do); else BasicTextNormalizer (lower case, no punctuation or
+    bracketed asides), which suits every language. A tokenizer without a language counts as English."""
+    english = language is None or language.lower() in ("en", "english")
+    if english and spelling:
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        english_class: Any = EnglishTextNormalizer  # untyped in transformers
+        normalize: Callable[[str], str] = english_class(dict(spelling))
+        return normalize
+    return evaluation.basic_normalizer()
+
+
 def transcribe(model: Any, collator: SpeechCollator, clips: Sequence[Clip], max_new_tokens: int) -> list[str]:
     """Greedy transcriptions, a batch at a time, ending at end of text."""
     import torch
 
     tokenizer = collator.processor.tokenizer
-    prefix = [model.config.decoder_start_token_id, *label_ids(tokenizer, "")[:-1]]
+    prefix = decoder_prefix(model.config.decoder_start_token_id, tokenizer)
+    room = int(getattr(model.config, "max_target_positions", len(prefix) + max_new_tokens)) - len(prefix)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     synced = evaluation.sharded(model)
     was_training = model.training
@@ -95,7 +127,7 @@ def transcribe(model: Any, collator: SpeechCollator, clips: Sequence[Clip], max_
             encoded = model.get_encoder()(input_features=features)
             ids = torch.tensor([prefix] * len(clips), device=features.device)
             done = torch.zeros(len(clips), dtype=torch.bool, device=features.device)
-            for _ in range(max_new_tokens):
+            for _ in range(max(1, min(max_new_tokens, room))):  # past its positions the decoder fails
                 logits = model(encoder_outputs=encoded, decoder_input_ids=ids).logits[:, -1]
                 step = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))
                 ids, done = torch.cat([ids, step[:, None]], dim=1), done | (step == eos)
@@ -109,7 +141,7 @@ def transcribe(model: Any, collator: SpeechCollator, clips: Sequence[Clip], max_
 def evaluate_speech(
     trainer: Any, collator: SpeechCollator, clips: Sequence[Clip], limit: int, max_new_tokens: int
 ) -> dict[str, float]:
-    """Loss and perplexity on the held-out clips, and WER on up to `limit` of them."""
+    """Loss and perplexity on the held-out clips, and WER on up to `limit` of them (see wer_normalizer)."""
     if not clips:
         return {}
     loss = trainer.evaluate(eval_dataset=list(clips), metric_key_prefix="heldout")["heldout_loss"]
@@ -117,5 +149,9 @@ def evaluate_speech(
     predictions: list[str] = []
     for start in range(0, len(scored), 16):
         predictions += transcribe(trainer.model, collator, scored[start : start + 16], max_new_tokens)
-    wer = evaluation.word_error_rate(predictions, [c.text for c in scored])
+    tokenizer = collator.processor.tokenizer
+    normalize = wer_normalizer(
+        getattr(tokenizer, "language", None), getattr(tokenizer, "english_spelling_normalizer", None)
+    )
+    wer = evaluation.word_error_rate(predictions, [c.text for c in scored], normalize)
     return evaluation.loss_metrics(float(loss)) | {"wer": wer}

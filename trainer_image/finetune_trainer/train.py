@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer import artifacts, distributed, evaluation, final_artifact, speech
+from finetune_trainer import artifacts, distributed, evaluation, final_artifact, speech, termination
 from finetune_trainer.callbacks import (
     CheckpointCallback,
+    DivergenceCallback,
     EvalMetricsCallback,
     PreemptionCallback,
     ProgressCallback,
@@ -24,6 +25,7 @@ from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.data.audio import load_audio, tokenize_audio
 from finetune_trainer.data.chunking import PackedCollator
 from finetune_trainer.data.errors import DataError
+from finetune_trainer.data.formats import Example
 from finetune_trainer.data.pipeline import CleanData, PreparedData, clean_and_split, tokenize_splits
 from finetune_trainer.data.report import DataReport
 from finetune_trainer.data.tokenization import ensure_template
@@ -32,11 +34,14 @@ from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.methods.deepspeed import deepspeed_available, zero_config
 from finetune_trainer.methods.loading import (
     MethodError,
+    Precision,
+    device_precision,
     load_for_training,
     load_tokenizer,
     resolve_model_path,
 )
-from finetune_trainer.report_model import MethodInfo, Phase, Predictions
+from finetune_trainer.redact import redact
+from finetune_trainer.report_model import MethodInfo, Phase, Predictions, Sample
 from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 from finetune_trainer.runtime import environment_info, set_seeds
 from finetune_trainer.sink import CheckpointRestoreError, CheckpointSink, LocalSink, build_sink
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 FULL_MIN_EXAMPLES = 1_000
 FULL_RECOMMENDED_EXAMPLES = 5_000
 SMALL_DATA_EVALS_PER_EPOCH = 2
+SAMPLES_FILE = "samples.json"
 
 
 @dataclass
@@ -111,11 +117,8 @@ def eval_schedule(config: TrainerConfig, steps_per_epoch: int, examples: int) ->
     return {"eval_strategy": "epoch"}
 
 
-def use_bf16(config: TrainerConfig) -> bool:
-    import torch
-
-    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(cuda_bf16) and config.method.type != "qlora"
+def precision(config: TrainerConfig) -> Precision:
+    return device_precision(config.method)
 
 
 def deepspeed_arguments(config: TrainerConfig) -> dict[str, Any]:
@@ -133,8 +136,9 @@ def deepspeed_arguments(config: TrainerConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if not cuda and ds.offload != "none":
         log.info("method.deepspeed.offload %r ignored: without a GPU everything is in CPU memory", ds.offload)
+    p = precision(config)
     return {
-        "deepspeed": zero_config(ds, config.hyperparameters, use_bf16(config), cuda),
+        "deepspeed": zero_config(ds, config.hyperparameters, p.bf16, cuda, fp16=p.fp16),
         "accelerator_config": {"use_configured_state": True},
     }
 
@@ -145,6 +149,7 @@ def training_arguments(config: TrainerConfig, paths: Paths, work: Workload, worl
     hp = config.hyperparameters
     steps_per_epoch = max(1, len(work.train) // (hp.batch_size * hp.gradient_accumulation * world))
     schedule = eval_schedule(config, steps_per_epoch, work.examples) if work.validation else {}
+    p = precision(config)
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
         num_train_epochs=hp.epochs,
@@ -162,7 +167,9 @@ def training_arguments(config: TrainerConfig, paths: Paths, work: Workload, worl
         save_total_limit=config.checkpoints.keep,
         seed=hp.seed,
         data_seed=hp.seed,
-        bf16=use_bf16(config),
+        bf16=p.bf16,
+        fp16=p.fp16,
+        logging_nan_inf_filter=False,  # a NaN loss is logged and reported as NaN, not hidden as the mean
         gradient_checkpointing=hp.gradient_checkpointing,
         remove_unused_columns=False,
         report_to="none",
@@ -178,10 +185,13 @@ def evaluation_trainer(config: TrainerConfig, paths: Paths, work: Workload) -> A
     Trainer would: same batch size, collator and loss."""
     from transformers import Trainer, TrainingArguments
 
+    p = precision(config)
     args = TrainingArguments(
         output_dir=str(paths.out / "evaluation"),
         per_device_eval_batch_size=config.hyperparameters.batch_size,
-        bf16=use_bf16(config),
+        bf16=p.bf16,
+        fp16=p.fp16,
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
@@ -203,6 +213,7 @@ class Workload:
     collator: Any
     evaluate: Callable[[Any], dict[str, float]]  # held-out metrics of the trainer's model
     chat: bool  # the job's validation prompts apply (a text model)
+    max_new_tokens: int  # validation.maxNewTokens, or derived from the held-out references
 
 
 @dataclass
@@ -217,6 +228,7 @@ class Session:
     run: RunState
     rendezvous: Rendezvous = distributed.SINGLE
     base_model_path: str = ""  # the resolved base model, which merged weights start from
+    answers: list[evaluation.Answered] = field(default_factory=list)  # of the latest evaluation
 
 
 def build_trainer(s: Session, work: Workload) -> Any:
@@ -232,11 +244,14 @@ def build_trainer(s: Session, work: Workload) -> Any:
             s.metrics, s.reporter, s.run, work.tokens_per_example * per_step, per_step, hp.loss_spike_factor
         ),
         EvalMetricsCallback(s.metrics),
+        DivergenceCallback(s.run),  # before the checkpoint and SIGTERM callbacks: it can cancel the save
         CheckpointCallback(s.sink, s.paths.sidecars, s.reporter, s.run, live),
         PreemptionCallback(s.run),
     ]
     if work.chat:
-        callbacks.append(PromptsCallback(s.config, work.processor, s.paths.out, s.metrics, s.reporter))
+        callbacks.append(
+            PromptsCallback(s.config, work.processor, s.paths.out, s.metrics, s.reporter, work.max_new_tokens)
+        )
     return Trainer(
         model=work.model,
         args=args,
@@ -268,11 +283,31 @@ def live_fingerprint_matches(config: TrainerConfig, sink: CheckpointSink) -> boo
 # --- evaluation ------------------------------------------------------------------------------------------
 
 
-def evaluate_held_out(s: Session, trainer: Any, *, tokenizer: Any, data: PreparedData) -> dict[str, float]:
+def held_out(data: PreparedData) -> tuple[list[dict[str, list[int]]], list[Example]]:
+    """The test split's features and examples; the validation split's when there is no test split."""
+    return (data.test, data.test_examples) if data.test else (data.validation, data.validation_examples)
+
+
+def text_max_new_tokens(config: TrainerConfig, tokenizer: Any, data: PreparedData) -> int:
+    configured = config.validation.max_new_tokens
+    lengths = [] if configured is not None else evaluation.answer_tokens(tokenizer, held_out(data)[1])
+    chosen = evaluation.derived_max_new_tokens(configured, lengths)
+    if configured is None:
+        log.info(
+            "validation.maxNewTokens unset: generating up to %d new tokens (longest held-out answer: "
+            "%s tokens, cap %d)",
+            chosen,
+            max(lengths) if lengths else "none",
+            evaluation.MAX_NEW_TOKENS_CAP,
+        )
+    return chosen
+
+
+def evaluate_held_out(
+    s: Session, trainer: Any, *, tokenizer: Any, data: PreparedData, max_new_tokens: int
+) -> dict[str, float]:
     """Loss and task metrics on the test split (the validation split when there is no test split)."""
-    features, examples = (
-        (data.test, data.test_examples) if data.test else (data.validation, data.validation_examples)
-    )
+    features, examples = held_out(data)
     results: dict[str, float] = {}
     if features:  # across every rank of a multi-process run: each evaluates a share
         loss = trainer.evaluate(eval_dataset=features, metric_key_prefix="heldout")["heldout_loss"]
@@ -281,12 +316,15 @@ def evaluate_held_out(s: Session, trainer: Any, *, tokenizer: Any, data: Prepare
         return results  # rank 0 generates alone with its whole copy of the weights
     goal = s.config.goal
     wanted = set(goal.metrics) | {c.metric for c in goal.success_criteria}
-    v = s.config.validation
+    v, batch = s.config.validation, s.config.hyperparameters.batch_size
     if wanted & set(evaluation.GENERATION_METRICS):
-        results |= evaluation.generation_metrics(
-            trainer.model, tokenizer, examples, v.max_generation_samples, v.max_new_tokens
+        s.answers = evaluation.answer_examples(
+            trainer.model, tokenizer, examples, v.max_generation_samples, max_new_tokens, batch
         )
-    results |= evaluation.scenario_pass_rate(trainer.model, tokenizer, v.held_out_scenarios, v.max_new_tokens)
+        results |= evaluation.score_answers(s.answers)
+    results |= evaluation.scenario_pass_rate(
+        trainer.model, tokenizer, v.held_out_scenarios, max_new_tokens, batch
+    )
     return results
 
 
@@ -297,15 +335,37 @@ def baseline_metrics(s: Session, trainer: Any, work: Workload, resume: Path | No
             stored: dict[str, float] = json.loads((folder / artifacts.BASELINE_FILE).read_text())
             log.info("reusing the baseline from %s", folder)
             s.metrics.set_eval(stored, "baseline")  # dashboards draw the baseline line again
+            reuse_samples(s, folder)
             return stored
     if not s.config.goal.held_out_test:
         return {}
     s.reporter.update(phase=Phase.BASELINE)
     baseline = work.evaluate(trainer)
+    publish_samples(s, "baseline")
     artifacts.write_json(s.paths.sidecars / artifacts.BASELINE_FILE, baseline)
     s.metrics.set_eval(baseline, "baseline")
     log.info("baseline: %s", json.dumps(baseline, sort_keys=True))
     return baseline
+
+
+def publish_samples(s: Session, phase: str) -> None:
+    """The first held-out answers of this phase in the status (and the samples sidecar, which every
+    checkpoint carries, so a resumed run shows the base model's answers too)."""
+    if not s.answers or not s.rendezvous.is_main:
+        return
+    redacted = [replace(a, prompt=redact(a.prompt), reference=redact(a.reference), output=redact(a.output))
+                for a in s.answers]  # fmt: skip
+    samples = evaluation.merge_samples(s.reporter.report.samples, redacted, phase)
+    artifacts.write_json(s.paths.sidecars / SAMPLES_FILE, [x.model_dump() for x in samples])
+    s.reporter.update(samples=samples, force=True)
+
+
+def reuse_samples(s: Session, folder: Path) -> None:
+    stored = folder / SAMPLES_FILE
+    if stored.is_file():
+        samples = [Sample.model_validate(x) for x in json.loads(stored.read_text())]
+        artifacts.write_json(s.paths.sidecars / SAMPLES_FILE, [x.model_dump() for x in samples])
+        s.reporter.update(samples=samples, force=True)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -340,7 +400,7 @@ def tokenize(s: Session, clean: CleanData, model_path: str, warnings: list[str])
     )
     data = tokenize_splits(clean, tokenizer, config.dataset, effective_max_tokens(config, context))
     data.report.template = "tokenizer" if own_template else "default"
-    data.report.warnings = warnings
+    data.report.warnings = [*warnings, *data.report.warnings]
     publish_data_report(s, data.report, template)
     return tokenizer, data
 
@@ -349,6 +409,8 @@ def publish_data_report(s: Session, report: DataReport, template: str) -> None:
     artifacts.write_sidecars(s.paths.sidecars, s.config, template, report, environment_info())
     s.metrics.set_data(report.summary())
     s.reporter.update(data=report.summary(), force=True)
+    for warning in report.warnings:  # in the job's status message, next to the counts
+        s.reporter.notice(f"data: {warning}")
     log.info("data: %s", report.model_dump_json(by_alias=True))
 
 
@@ -358,6 +420,7 @@ def text_workload(s: Session, clean: CleanData, warnings: list[str], model_path:
     model = load_for_training(
         model_path, config.model, config.method, config.hyperparameters.gradient_checkpointing
     )
+    max_new_tokens = text_max_new_tokens(config, tokenizer, data)
     return Workload(
         model=model,
         processor=tokenizer,
@@ -366,8 +429,9 @@ def text_workload(s: Session, clean: CleanData, warnings: list[str], model_path:
         examples=data.report.examples,
         tokens_per_example=sum(len(f["input_ids"]) for f in data.train) / max(1, len(data.train)),
         collator=PackedCollator(tokenizer.pad_token_id),
-        evaluate=partial(evaluate_held_out, s, tokenizer=tokenizer, data=data),
+        evaluate=partial(evaluate_held_out, s, tokenizer=tokenizer, data=data, max_new_tokens=max_new_tokens),
         chat=True,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -376,13 +440,16 @@ def speech_workload(s: Session, model_path: str) -> Workload:
     processor = speech.load_processor(model_path, config.model.revision)
     rate, window = speech.model_window(processor)
     data = load_audio(config.dataset, config.checkpoints.store, rate, window)
-    max_target = int(getattr(_model_config(model_path, config), "max_target_positions", 448))
+    model_config = _model_config(model_path, config)
+    max_target = int(getattr(model_config, "max_target_positions", 448))
     tokenize_audio(data, processor.tokenizer, max_target)
     data.report.warnings = check_small_data(config, data.report.examples) + data.report.warnings
     publish_data_report(s, data.report, "")
     collator = speech.SpeechCollator(processor)
     v = config.validation
-    held_out = data.test or data.validation
+    clips = data.test or data.validation
+    prefix = speech.decoder_prefix(model_config.decoder_start_token_id, processor.tokenizer)
+    max_new_tokens = speech.transcript_max_new_tokens(v.max_new_tokens, clips, max_target, len(prefix))
     return Workload(
         model=speech.load_speech_model(model_path, config.model, config.method),
         processor=processor,
@@ -392,9 +459,10 @@ def speech_workload(s: Session, model_path: str) -> Workload:
         tokens_per_example=data.report.tokens / max(1, data.report.examples),
         collator=collator,
         evaluate=lambda trainer: speech.evaluate_speech(
-            trainer, collator, held_out, v.max_generation_samples, v.max_new_tokens
+            trainer, collator, clips, v.max_generation_samples, max_new_tokens
         ),
         chat=False,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -473,18 +541,33 @@ def train_and_finish(
     s: Session, trainer: Any, work: Workload, baseline: dict[str, float], resume: Path | None
 ) -> ExitCode:
     s.reporter.update(phase=Phase.TRAINING, baseline=baseline, force=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if s.run.preempted:
-        close_on_every_rank(s)  # raises if the checkpoint was not committed: no clean preemption then
-        step = s.run.checkpoint_steps[-1] if s.run.checkpoint_steps else 0
-        rank = s.rendezvous.rank
-        log.warning("rank %d stops after SIGTERM: the checkpoint of step %d is stored", rank, step)
-        s.reporter.update(message=f"preempted: checkpoint of step {step} saved, resume on retry", force=True)
-        return ExitCode.PREEMPTED_CHECKPOINTED
-    if s.run.stop_reason:
-        s.reporter.update(phase=Phase.FAILED, message=s.run.stop_reason, force=True)
-        return ExitCode.FAILED
+    with termination.deferred():  # SIGTERM: a checkpoint at the next step boundary, then exit 75
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if s.run.stop_reason:
+            return stop_diverged(s)
+        if s.run.preempted:
+            return stop_preempted(s)
+    termination.stop_if_requested()  # SIGTERM after the last step: no final evaluation
     return finish(s, trainer, work, baseline)
+
+
+def stop_preempted(s: Session) -> ExitCode:
+    close_on_every_rank(s)  # raises if the checkpoint was not committed: no clean preemption then
+    step = s.run.checkpoint_steps[-1] if s.run.checkpoint_steps else 0
+    rank = s.rendezvous.rank
+    log.warning("rank %d stops after SIGTERM: the checkpoint of step %d is stored", rank, step)
+    s.reporter.update(message=f"preempted: checkpoint of step {step} saved, resume on retry", force=True)
+    return ExitCode.PREEMPTED_CHECKPOINTED
+
+
+def stop_diverged(s: Session) -> ExitCode:
+    """The checkpoints before the divergence are committed; none after it was saved."""
+    try:
+        s.sink.close()
+    except Exception as exc:  # the divergence is what the job's status must say
+        log.warning("the last checkpoint before the divergence was not stored: %s", exc)
+    s.reporter.update(phase=Phase.FAILED, message=s.run.stop_reason, force=True)
+    return ExitCode.DIVERGED
 
 
 def close_on_every_rank(s: Session) -> None:
@@ -505,6 +588,7 @@ def close_on_every_rank(s: Session) -> None:
 def finish(s: Session, trainer: Any, work: Workload, baseline: dict[str, float]) -> ExitCode:
     s.reporter.update(phase=Phase.EVALUATING, force=True)
     final = work.evaluate(trainer)
+    publish_samples(s, "final")
     weights = final_weights(s, trainer)
     predictions = final_predictions(s, trainer, work)
     if not s.rendezvous.is_main:
@@ -543,7 +627,9 @@ def final_predictions(s: Session, trainer: Any, work: Workload) -> Predictions |
     if not work.chat or not (main or evaluation.sharded(trainer.model)):
         return None
     folder = s.paths.out / "prompts" if main else None
-    predictions: Predictions = diagnose_model(s.config, trainer.model, work.processor, folder, "final")
+    predictions: Predictions = diagnose_model(
+        s.config, trainer.model, work.processor, folder, "final", work.max_new_tokens
+    )
     return predictions if main else None
 
 

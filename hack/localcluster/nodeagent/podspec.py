@@ -4,6 +4,7 @@ directories, resolved the way the kubelet resolves them."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -255,3 +256,46 @@ def materialize_volume(ctx: PodContext, volume: Obj, directory: Path, lookup: Lo
 
 def decode_secret_data(data: dict[str, str] | None) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in (data or {}).items()}
+
+
+# --- entrypoints ------------------------------------------------------------------------------------------
+
+# Images are not pulled here, but this project's own images are known by their Dockerfiles: a
+# container that gives only `args` runs its image's ENTRYPOINT, as it would on a real node.
+IMAGE_DOCKERFILES = {
+    "finetune-trainer": "trainer_image/Dockerfile",
+    "finetune-operator": "operator/Dockerfile",
+}
+_ENTRYPOINT = re.compile(r"^ENTRYPOINT\s+(\[.*\])\s*$", re.MULTILINE)
+
+
+def dockerfile_entrypoint(text: str) -> list[str]:
+    """The last exec-form ENTRYPOINT of a Dockerfile (the one the image keeps)."""
+    found = _ENTRYPOINT.findall(text)
+    if not found:
+        raise ValueError("the Dockerfile has no exec-form ENTRYPOINT")
+    entrypoint = json.loads(found[-1])
+    if not isinstance(entrypoint, list) or not all(isinstance(a, str) for a in entrypoint):
+        raise ValueError(f"ENTRYPOINT {found[-1]} is not a list of strings")
+    return entrypoint
+
+
+def image_name(image: str) -> str:
+    """ghcr.io/org/finetune-trainer:0.1.0@sha256:... -> finetune-trainer"""
+    return image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def container_argv(container: Obj, repo_root: Path, binaries: dict[str, str]) -> list[str]:
+    """What the container runs: its command, else its image's ENTRYPOINT; then its args. Absolute
+    paths of the image's own binaries (its init) map to `binaries`, built for this machine."""
+    command = container.get("command") or []
+    if not command:
+        dockerfile = IMAGE_DOCKERFILES.get(image_name(str(container.get("image", ""))))
+        if dockerfile is None:
+            raise MountError(
+                f"container {container['name']}: no command, and image {container.get('image')!r} is not one "
+                f"of this project's ({', '.join(IMAGE_DOCKERFILES)}), whose ENTRYPOINT the node agent knows"
+            )
+        command = dockerfile_entrypoint((repo_root / dockerfile).read_text())
+        command = [binaries.get(command[0], command[0]), *command[1:]]
+    return [*command, *(container.get("args") or [])]

@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from localcluster.nodeagent.podspec import Lookup, MountError, PodContext, container_env, expand
+from localcluster.nodeagent.podspec import (
+    Lookup,
+    MountError,
+    PodContext,
+    container_argv,
+    container_env,
+    expand,
+)
 from localcluster.nodeagent.podspec import materialize_volume as materialize
 from localcluster.processes import RUN_MARKER
-from localcluster.tools import REPO_ROOT
+from localcluster.tools import REPO_ROOT, tool
 
 log = logging.getLogger("nodeagent")
 Obj = dict[str, Any]
@@ -225,7 +232,8 @@ class PodRunner:
 
     def _launch(self, container: Obj) -> subprocess.Popen[bytes]:
         env = self._process_env(container)
-        argv = [expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
+        binaries = {"/usr/bin/tini": str(tool("tini"))}
+        argv = [expand(a, env) for a in container_argv(container, REPO_ROOT, binaries)]
         if not argv:
             raise MountError(f"container {container['name']}: no command (images are not pulled here)")
         spec = {

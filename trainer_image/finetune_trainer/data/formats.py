@@ -1,9 +1,13 @@
 """Dataset formats (alpaca, sharegpt, text) as chat messages or raw text, and the prompt template.
 
-When the tokenizer has no chat template, DEFAULT_TEMPLATE is used (and saved with the
-tokenizer, checkpoints and the final artifact):
+When the tokenizer has no chat template (a base model), DEFAULT_TEMPLATE is used:
 
     [bos]{system}\\n\\n### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}{eos}\\n\\n
+
+It is saved with the tokenizer (chat_template.jinja) in every checkpoint and in the final
+artifact, and as prompt_template.jinja beside them. An assistant turn ends with eos, so the model
+learns to end its answers there and generation stops at it (evaluation.stop_token_ids). A base
+model often has no pad token either: eos pads, and the attention mask hides the padding.
 """
 
 from __future__ import annotations

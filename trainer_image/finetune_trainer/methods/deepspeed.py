@@ -7,7 +7,9 @@ from typing import Any
 from finetune_trainer.config import DeepSpeed, Hyperparameters
 
 
-def zero_config(ds: DeepSpeed, hp: Hyperparameters, bf16: bool, cuda: bool = True) -> dict[str, Any]:
+def zero_config(
+    ds: DeepSpeed, hp: Hyperparameters, bf16: bool, cuda: bool = True, fp16: bool = False
+) -> dict[str, Any]:
     """A ZeRO-2/3 config for transformers' Trainer; "auto" values are filled in by the Trainer.
 
     There is no "optimizer" section, so the Trainer builds a torch optimizer: DeepSpeed's own
@@ -36,6 +38,8 @@ def zero_config(ds: DeepSpeed, hp: Hyperparameters, bf16: bool, cuda: bool = Tru
         "gradient_accumulation_steps": hp.gradient_accumulation,
         "gradient_clipping": "auto",
         "bf16": {"enabled": bf16},
+        # TrainingArguments must agree (transformers checks); loss_scale 0: dynamic loss scaling
+        "fp16": {"enabled": fp16, "loss_scale": 0},
         "zero_optimization": zero,
     }
 

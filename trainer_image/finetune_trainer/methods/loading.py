@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,40 @@ def _dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, "auto")
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How training computes: TrainingArguments' and DeepSpeed's bf16/fp16, and QLoRA's 4-bit layers."""
+
+    bf16: bool  # autocast to bfloat16
+    fp16: bool  # autocast to float16 with dynamic loss scaling
+    quantized_compute: str  # the dtype QLoRA's 4-bit layers compute in; "" for lora and full
+
+
+def choose_precision(*, cuda: bool, bf16_supported: bool, method: str, compute_dtype: str) -> Precision:
+    """On CPU everything computes in float32. QLoRA follows method.quantization.computeDtype, but a GPU
+    without bfloat16 computes in float16, whose small range needs loss scaling (its trainable weights
+    are float32 adapters). LoRA and full fine-tuning autocast to bfloat16 where the GPU has it, else
+    compute in the weights' dtype: loss scaling cannot unscale the gradients of half-precision weights."""
+    if not cuda:
+        return Precision(bf16=False, fp16=False, quantized_compute="float32" if method == "qlora" else "")
+    if method != "qlora":
+        return Precision(bf16=bf16_supported, fp16=False, quantized_compute="")
+    compute = "float16" if compute_dtype == "bfloat16" and not bf16_supported else compute_dtype
+    return Precision(bf16=compute == "bfloat16", fp16=compute == "float16", quantized_compute=compute)
+
+
+def device_precision(method: Method) -> Precision:
+    import torch
+
+    cuda = bool(torch.cuda.is_available())
+    return choose_precision(
+        cuda=cuda,
+        bf16_supported=cuda and bool(torch.cuda.is_bf16_supported()),
+        method=method.type,
+        compute_dtype=method.quantization.compute_dtype,
+    )
+
+
 def _quantization(method: Method) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
@@ -59,7 +94,15 @@ def _quantization(method: Method) -> Any:
                 f"method.type: 'qlora' needs bitsandbytes, which cannot load here ({exc}) "
                 "(fix: run on a GPU node, install bitsandbytes>=0.45, or use method.type: lora)"
             ) from None
-    compute = _dtype(q.compute_dtype) if torch.cuda.is_available() else torch.float32
+    chosen = device_precision(method).quantized_compute
+    if chosen != q.compute_dtype and torch.cuda.is_available():
+        log.warning(
+            "method.quantization.computeDtype: %r is not supported by this GPU: computing in %s "
+            "with loss scaling",
+            q.compute_dtype,
+            chosen,
+        )
+    compute = _dtype(chosen)
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,

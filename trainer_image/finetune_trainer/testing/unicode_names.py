@@ -1,13 +1,15 @@
-"""A small real task for real models: name an accented Latin letter as the Unicode standard does.
+"""A small real task for real models: give a character's official Unicode name.
 
 The examples come from Python's own copy of the Unicode character database (`unicodedata`), so
 they are real data that ships with every interpreter, not lines written for the tests:
 
-    {"system": "...", "instruction": "Unicode name of 'ệ'?", "output": "LATIN SMALL LETTER E WITH CIRCUMFLEX AND DOT BELOW"}
+    {"system": "...", "instruction": "Unicode name of 'é'?", "output": "LATIN SMALL LETTER E WITH ACUTE"}
 
-An instruct model knows the letters and the marks but not the standard's naming scheme, so its
-baseline exact match is near zero; a short LoRA run learns the scheme, and held-out letters test
-that it generalizes (case, base letter and each mark must all be right).
+The characters are the printable ASCII ones, the accented letters of Latin-1 and the Greek
+alphabet. An instruct model knows them but not the standard's naming scheme (it answers in a
+sentence), so its baseline exact match is zero; a short LoRA run learns the scheme. Held-out
+letters and digits then come out right, accents mostly, punctuation names (COMMERCIAL AT)
+rarely: the metrics have room above and below.
 """
 
 from __future__ import annotations
@@ -16,23 +18,21 @@ import random
 import unicodedata
 
 SYSTEM = "Answer with the character's official Unicode name only."
-LATIN_BLOCKS = ((0x00C0, 0x0250), (0x1E00, 0x1F00))  # Latin-1, Extended-A/B, Extended Additional
+BLOCKS = ((0x21, 0x7F), (0xC0, 0x100), (0x391, 0x3CA))  # printable ASCII, Latin-1 letters, Greek
 # Kept out of the data: examples/quickstart.yaml asks about them in its prompts and scenarios.
-RESERVED = "ŵḮǸ"
+RESERVED = "ÑqΩ"
 
 
-def accented_letters() -> list[tuple[str, str]]:
-    """(character, name) for every precomposed Latin letter with marks, in code point order."""
-    letters = []
-    for low, high in LATIN_BLOCKS:
+def characters() -> list[tuple[str, str]]:
+    """(character, name) for every named character of BLOCKS, in code point order."""
+    found = []
+    for low, high in BLOCKS:
         for code in range(low, high):
             char = chr(code)
             name = unicodedata.name(char, "")
-            # Precomposed letters decompose canonically into a base letter and combining marks.
-            if name.startswith("LATIN") and " WITH " in name and unicodedata.decomposition(char)[:1] != "<":
-                if unicodedata.decomposition(char):
-                    letters.append((char, name))
-    return letters
+            if name and (code < 0x80 or char.isalpha()):  # Latin-1's letters, not its signs
+                found.append((char, name))
+    return found
 
 
 def prompt(char: str) -> str:
@@ -41,7 +41,7 @@ def prompt(char: str) -> str:
 
 def records(count: int | None = None, seed: int = 7) -> list[dict[str, str]]:
     """Alpaca records in a seeded order; `count` takes the first ones."""
-    letters = [(c, name) for c, name in accented_letters() if c not in RESERVED]
-    random.Random(seed).shuffle(letters)
+    letters = [(c, name) for c, name in characters() if c not in RESERVED]
+    random.Random(seed).shuffle(letters)  # noqa: S311 (a reproducible order, not a secret)
     chosen = letters if count is None else letters[:count]
     return [{"system": SYSTEM, "instruction": prompt(c), "output": name} for c, name in chosen]
