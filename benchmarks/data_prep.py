@@ -1,7 +1,8 @@
 """Data preparation throughput: load, normalize, strip boilerplate, exact + MinHash near-dedup, split,
 tokenize with prompt masking and validation, pack, on a synthetic Alpaca corpus.
 
-Baseline, measured in the same run: the bare fast tokenizer (the same locally trained one), one
+Baseline, measured in the same run: the bare fast tokenizer (SmolLM2-135M-Instruct's, with its own
+ChatML template; hack/models.py), one
 batched `tokenizer(texts)` call on exactly the texts the pipeline tokenizes (every kept example
 rendered through the chat template). The ratio is the pipeline's time per example as a multiple of
 bare tokenization's.
@@ -23,7 +24,8 @@ from machine import describe  # type: ignore[import-not-found]
 from finetune_trainer.config import Dataset, S3Store
 from finetune_trainer.data.pipeline import CleanData, clean_and_split, tokenize_splits
 from finetune_trainer.data.tokenization import ensure_template, rendered_text
-from finetune_trainer.testing.tiny import WORDS, build_tiny_tokenizer, write_jsonl
+from finetune_trainer.testing.tiny import WORDS, write_jsonl
+from localcluster import models
 
 NAV = "Home | Products | About | Contact"
 MAX_TOKENS = 512
@@ -87,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         root = Path(tmp)
         data = write_jsonl(corpus(args.examples), root / "train.jsonl")
-        tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(root / "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(models.ensure(models.SMOLLM2))
         ensure_template(tokenizer)
         clean, stages = pipeline(dataset(data), tokenizer)
         texts, bare = bare_tokenizer(clean, tokenizer)

@@ -227,13 +227,29 @@ def progress_line(status: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def sample_lines(samples: list[dict[str, Any]], phase: str) -> list[str]:
+    """Held-out prompts with the reference and the model's answer of one phase (baseline, final)."""
+    lines = []
+    for sample in samples:
+        lines.append(f"    {sample['prompt']}")
+        lines.append(f"      reference: {sample['reference']}")
+        lines.append(f"      {phase + ':':<10} {sample.get(phase, '(not answered)')}")
+    return lines
+
+
 def follow(api: Any, namespace: str, name: str, timeout: float) -> dict[str, Any]:
     custom = client.CustomObjectsApi(api)
     deadline = time.monotonic() + timeout
     last = ""
+    shown_baseline = False
     while time.monotonic() < deadline:
         obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         status = obj.get("status") or {}
+        samples = status.get("samples") or []
+        if not shown_baseline and samples and all("baseline" in s for s in samples):
+            print("\n    the base model, before training, on held-out test prompts:")
+            print("\n".join(sample_lines(samples, "baseline")), flush=True)
+            shown_baseline, last = True, ""
         line = progress_line(status)
         if line != last:
             end = "\n" if not sys.stdout.isatty() else ""
@@ -342,6 +358,9 @@ def summary(info: ClusterInfo, obj: dict[str, Any], started: float) -> bool:
     print(f"\nFineTuneJob {namespace}/{name}: {status.get('phase')} - {status.get('message', '')}")
     if status.get("data"):
         print(f"  data:        {_data_line(status['data'])}")
+    if status.get("samples"):
+        print("  the tuned model on the same held-out prompts:")
+        print("\n".join(line[2:] for line in sample_lines(status["samples"], "final")))
     print("\n".join(_metric_lines(status.get("baseline") or {}, status.get("final") or {})))
     checkpoint = status.get("checkpoint") or {}
     step, verified_flag = checkpoint.get("step"), checkpoint.get("verified")

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-import secrets
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,71 +12,22 @@ import pytest
 
 from finetune_trainer.checkpoints import CheckpointStore, TransferSettings
 from finetune_trainer.config import TrainerConfig
+from localcluster import MissingToolError
+from localcluster.s3 import S3Server, running_s3
+from localcluster.tools import tool
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    access_key: str
-    secret_key: str
-    log: Path
-
-
-def _versitygw() -> Path:
-    out = subprocess.run(
-        [str(REPO / "hack" / "build-tools.sh"), "--print-bin-dir"], capture_output=True, text=True, check=True
-    )
-    binary = Path(out.stdout.strip()) / "versitygw"
-    if not binary.is_file():
-        pytest.skip(f"{binary} is missing: run hack/build-tools.sh to build the local S3 server")
-    return binary
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"versitygw exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"versitygw did not open port {port} within {timeout:.0f}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    root = tmp_path_factory.mktemp("s3")
-    data = root / "data"
-    data.mkdir()
-    log = root / "versitygw.log"
-    port = _free_port()
-    access, secret = "ck" + secrets.token_hex(6), secrets.token_urlsafe(24)
-    # Credentials by environment only: argv is visible to every user in /proc.
-    env = {**os.environ, "ROOT_ACCESS_KEY_ID": access, "ROOT_SECRET_ACCESS_KEY": secret}
-    argv = [str(_versitygw()), "--port", f"127.0.0.1:{port}", "posix", str(data)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(port, process, log)
-        yield S3Server(f"http://127.0.0.1:{port}", access, secret, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        tool("versitygw")
+    except MissingToolError as exc:
+        pytest.skip(str(exc))
+    with running_s3(tmp_path_factory.mktemp("s3"), key_prefix="ck") as server:
+        yield server
 
 
 @pytest.fixture

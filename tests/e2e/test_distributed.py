@@ -37,9 +37,11 @@ def finished(job_status: Status, name: str) -> dict[str, Any] | None:
     return status if status.get("phase") in ("Succeeded", "Failed") else None
 
 
-def run_to_the_end(name: str, job_status: Status, pod_logs: Callable[[], str]) -> dict[str, Any]:
+def run_to_the_end(
+    name: str, job_status: Status, pod_logs: Callable[[], str], timeout: float = 420
+) -> dict[str, Any]:
     status = wait_for(
-        lambda: finished(job_status, name), 420, f"{name} to finish", interval=2, describe=pod_logs
+        lambda: finished(job_status, name), timeout, f"{name} to finish", interval=2, describe=pod_logs
     )
     assert status["phase"] == "Succeeded", (status, pod_logs())
     return status
@@ -101,14 +103,20 @@ def test_zero_full_fine_tune_across_two_pods(
 
 
 def test_qlora_job_succeeds(launch: Any, job_status: Status, pod_logs: Callable[[], str]) -> None:
+    """The quickstart's task on a 4-bit base (bitsandbytes' CPU backend here): the adapter learns
+    the Unicode names on top of quantized SmolLM2 weights."""
     launch(
         "qlora",
         method={"type": "qlora", "quantization": {"bits": 4, "quantType": "nf4", "doubleQuant": True}},
-        **SHORT,
+        # The 4-bit base starts further off (baseline eval loss 4.2 against 3.6 in float32) and
+        # learns the names at three times the LoRA rate in the same 42 steps.
+        hyperparameters={"learningRate": 0.003},
+        checkpoints={"everySteps": 20},
     )
-    status = run_to_the_end("qlora", job_status, pod_logs)
+    status = run_to_the_end("qlora", job_status, pod_logs, timeout=900)
     assert status["method"]["type"] == "qlora"
     assert status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
+    assert status["final"]["exact_match"] > status["baseline"]["exact_match"], status
     assert status["checkpoint"]["verified"] is True
 
 

@@ -62,10 +62,12 @@ def test_quickstart_job_succeeds_with_everything_a_user_checks(
     assert "criterion met: exact_match 0 -> " in status["message"], status["message"]
     assert "criterion met: exact_match 0 -> 0 " not in status["message"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
-    assert status["predictions"]["failed"] == 0
+    assert status["predictions"]["failed"] == 0, status["predictions"]
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Complete"]["status"] == "True"
     assert conditions["PredictionsHealthy"]["status"] == "True"
+    # No spec.model.parameters: the operator read the size from the model's own files in S3.
+    assert "134.5M parameters (from " in conditions["MemoryFits"]["message"], conditions["MemoryFits"]
 
     reasons = [e.split(":")[0] for e in events_for(core, namespace, "support-bot")]
     assert {"MethodChosen", "CheckpointVerified", "Succeeded"} <= set(reasons)

@@ -10,7 +10,6 @@ import math
 import os
 import secrets
 import struct
-import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -25,8 +24,10 @@ import pytest
 from finetune_operator import api, model_info, model_size, policy
 from finetune_operator.policy import ModelSize, Verdict
 from finetune_operator.settings import OperatorSettings
-from localcluster.processes import free_port, port_open
-from localcluster.testing import wait_for
+from localcluster import MissingToolError
+from localcluster.processes import free_port
+from localcluster.s3 import S3Server, running_s3
+from localcluster.tools import tool
 
 Spec = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
@@ -781,50 +782,14 @@ def test_when_nothing_is_read(
 # S3: a real S3-compatible server (versitygw from hack/build-tools.sh)
 
 
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    access_key: str
-    secret_key: str
-
-
-def _versitygw() -> Path:
-    out = subprocess.run(
-        [str(REPO / "hack" / "build-tools.sh"), "--print-bin-dir"], capture_output=True, text=True, check=True
-    )
-    binary = Path(out.stdout.strip()) / "versitygw"
-    if not binary.is_file():
-        pytest.skip(f"{binary} is missing: run hack/build-tools.sh to build the local S3 server")
-    return binary
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    binary = _versitygw()
-    root = tmp_path_factory.mktemp("s3")
-    (root / "data").mkdir()
-    port = free_port()
-    access, secret = "op" + secrets.token_hex(6), secrets.token_urlsafe(24)
-    # Credentials by environment only: argv is visible to every user in /proc.
-    env = {**os.environ, "ROOT_ACCESS_KEY_ID": access, "ROOT_SECRET_ACCESS_KEY": secret}
-    log = root / "versitygw.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(binary), "--port", f"127.0.0.1:{port}", "posix", str(root / "data")],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        wait_for(lambda: port_open(port) or None, 20, "versitygw to listen", describe=log.read_text)
-        yield S3Server(f"http://127.0.0.1:{port}", access, secret)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        tool("versitygw")
+    except MissingToolError as exc:
+        pytest.skip(str(exc))
+    with running_s3(tmp_path_factory.mktemp("s3"), key_prefix="op") as server:
+        yield server
 
 
 @pytest.fixture

@@ -219,3 +219,15 @@ def test_status_patch_refuses_what_the_crd_would_refuse() -> None:
 def test_exit_codes_are_explained(code: int, phrase: str) -> None:
     text = status.explain_exit_code(code)
     assert text.startswith(f"exit code {code}: ") and phrase in text
+
+
+def test_samples_reach_the_status_clipped() -> None:
+    from finetune_trainer.report_model import Sample, TrainerReport
+
+    report = TrainerReport(
+        samples=[Sample(prompt="Unicode name of 'é'?", reference="x" * 600, baseline="It is é.")] * 10
+    )
+    samples = status.status_from_report(report)["samples"]
+    assert len(samples) == status.MAX_SAMPLES
+    assert samples[0]["prompt"] == "Unicode name of 'é'?" and samples[0]["baseline"] == "It is é."
+    assert len(samples[0]["reference"]) == status.MAX_SAMPLE_TEXT and "final" not in samples[0]

@@ -187,3 +187,23 @@ def test_prompt_echo_is_caught() -> None:
     prompt = "Which word comes last? apple river stone"
     result = diagnose([prompt], [Generation(prompt, prompt + " stone", True)], [None])
     assert {c.name: c.passed for c in result.checks}["no_prompt_echo"] is False
+
+
+def test_samples_put_the_base_and_tuned_answers_of_one_example_side_by_side() -> None:
+    from finetune_trainer.evaluation import Answered, merge_samples
+
+    name = "LATIN SMALL LETTER E WITH ACUTE"
+    before = [Answered("Unicode name of 'é'?", name, "It is é.")]
+    baseline = merge_samples([], before, "baseline")
+    assert [(s.prompt, s.baseline, s.final) for s in baseline] == [("Unicode name of 'é'?", "It is é.", None)]
+    after = [
+        Answered("Unicode name of 'é'?", name, name),
+        Answered("Unicode name of '!'?", "EXCLAMATION MARK", "EXCLAMATION MARK"),
+    ]
+    final = merge_samples(baseline, after, "final")
+    assert [(s.baseline, s.final) for s in final] == [
+        ("It is é.", name),
+        (None, "EXCLAMATION MARK"),  # not answered before: the baseline stays empty, not borrowed
+    ]
+    many = [Answered(f"q{i}", "r", "o") for i in range(10)]
+    assert len(merge_samples([], many, "baseline")) == 3

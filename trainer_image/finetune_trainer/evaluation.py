@@ -309,17 +309,6 @@ def score_answers(answers: Sequence[Answered]) -> dict[str, float]:
     return {name: total / len(answers) for name, total in scores.items()}
 
 
-def generation_metrics(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    limit: int,
-    max_new_tokens: int,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    return score_answers(answer_examples(model, tokenizer, examples, limit, max_new_tokens, batch_size))
-
-
 SAMPLE_COUNT = 3  # held-out answers shown in the job's status, before and after training
 
 
