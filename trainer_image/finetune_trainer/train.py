@@ -309,6 +309,7 @@ def evaluate_held_out(
     """Loss and task metrics on the test split (the validation split when there is no test split)."""
     features, examples = held_out(data)
     results: dict[str, float] = {}
+    s.answers = []  # this evaluation's, never an earlier one's
     if features:  # across every rank of a multi-process run: each evaluates a share
         loss = trainer.evaluate(eval_dataset=features, metric_key_prefix="heldout")["heldout_loss"]
         results |= evaluation.loss_metrics(float(loss))
@@ -353,8 +354,10 @@ def publish_samples(s: Session, phase: str) -> None:
     checkpoint carries, so a resumed run shows the base model's answers too)."""
     if not s.answers or not s.rendezvous.is_main:
         return
-    redacted = [replace(a, prompt=redact(a.prompt), reference=redact(a.reference), output=redact(a.output))
-                for a in s.answers]  # fmt: skip
+    redacted = [
+        replace(a, prompt=redact(a.prompt), reference=redact(a.reference), output=redact(a.output))
+        for a in s.answers[: evaluation.SAMPLE_COUNT]
+    ]
     samples = evaluation.merge_samples(s.reporter.report.samples, redacted, phase)
     artifacts.write_json(s.paths.sidecars / SAMPLES_FILE, [x.model_dump() for x in samples])
     s.reporter.update(samples=samples, force=True)
