@@ -72,34 +72,23 @@ build_versitygw() {
     github.com/versity/versitygw/cmd/versitygw)
 }
 
-fetch_prometheus() {
-  # Debian's package, unpacked into the cache: no root, no system service.
-  local work
+fetch_deb() {  # fetch_deb <package> <version> <binary...>: Debian's package, unpacked into the cache
+  # No root and no system service; only the binaries are kept.
+  local package="$1" version="$2" work binary
+  shift 2
   work="$(mktemp -d)"
-  if ! (cd "$work" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1); then
+  if ! (cd "$work" && apt-get download "$package=$version" >/dev/null 2>&1); then
     # A fresh machine may have empty package lists: refresh them (needs root), then take any version.
     [[ $(id -u) == 0 ]] && apt-get update -qq >/dev/null
-    (cd "$work" && apt-get download prometheus >/dev/null)
+    (cd "$work" && apt-get download "$package" >/dev/null)
   fi
-  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
-  cp "$work/root/usr/bin/prometheus" "$work/root/usr/bin/promtool" "$BIN_DIR/"
+  dpkg-deb -x "$work/${package}"_*.deb "$work/root"
+  for binary in "$@"; do cp "$work/root/usr/bin/$binary" "$BIN_DIR/"; done
   rm -rf "$work"
 }
 
+# tini is the trainer image's init (its ENTRYPOINT): local pods run under it as they do in the image.
 TINI_DEB_VERSION="0.19.0-1+b3"
-
-fetch_tini() {
-  # The trainer image's init (its ENTRYPOINT), so local pods run under it as they do in the image.
-  local work
-  work="$(mktemp -d)"
-  if ! (cd "$work" && apt-get download "tini=$TINI_DEB_VERSION" >/dev/null 2>&1); then
-    [[ $(id -u) == 0 ]] && apt-get update -qq >/dev/null
-    (cd "$work" && apt-get download tini >/dev/null)
-  fi
-  dpkg-deb -x "$work"/tini_*.deb "$work/root"
-  cp "$work/root/usr/bin/tini" "$BIN_DIR/"
-  rm -rf "$work"
-}
 
 need() {  # need <binary...>: true when any is missing
   local b
@@ -115,8 +104,11 @@ if need kube-apiserver kube-controller-manager kube-scheduler kubectl; then time
 if need etcd; then timed etcd build_etcd; built=1; fi
 if need helm; then timed helm build_helm; built=1; fi
 if need versitygw; then timed versitygw build_versitygw; built=1; fi
-if need prometheus promtool; then timed prometheus fetch_prometheus; built=1; fi
-if need tini; then timed tini fetch_tini; built=1; fi
+if need prometheus promtool; then
+  timed prometheus fetch_deb prometheus "$PROMETHEUS_DEB_VERSION" prometheus promtool
+  built=1
+fi
+if need tini; then timed tini fetch_deb tini "$TINI_DEB_VERSION" tini; built=1; fi
 
 if [[ $built == 0 ]]; then
   echo "tools up to date in $BIN_DIR"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from localcluster import ClusterInfo, add_scrape_target, models, scrape_interval
+from localcluster import ClusterInfo, MissingToolError, add_scrape_target, models, scrape_interval
 from localcluster.processes import free_port, port_open
+from localcluster.s3 import S3Server, running_s3
 from localcluster.testing import wait_for
 from localcluster.tools import REPO_ROOT, tool
 
@@ -36,6 +37,17 @@ class RunningOperator:
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder (built once from its PyPI wheel, then cached)."""
     return models.ensure(models.SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A standalone S3 server (versitygw) for tests that need real S3 but no cluster."""
+    try:
+        tool("versitygw")
+    except MissingToolError as exc:
+        pytest.skip(str(exc))
+    with running_s3(tmp_path_factory.mktemp("s3"), key_prefix="test") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +11,10 @@ import pytest
 
 from finetune_trainer.checkpoints import CheckpointStore, TransferSettings
 from finetune_trainer.config import TrainerConfig
-from localcluster import MissingToolError
-from localcluster.s3 import S3Server, running_s3
-from localcluster.tools import tool
+from localcluster.s3 import S3Server
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    try:
-        tool("versitygw")
-    except MissingToolError as exc:
-        pytest.skip(str(exc))
-    with running_s3(tmp_path_factory.mktemp("s3"), key_prefix="ck") as server:
-        yield server
 
 
 @pytest.fixture

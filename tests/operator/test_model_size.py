@@ -24,10 +24,8 @@ import pytest
 from finetune_operator import api, model_info, model_size, policy
 from finetune_operator.policy import ModelSize, Verdict
 from finetune_operator.settings import OperatorSettings
-from localcluster import MissingToolError
 from localcluster.processes import free_port
-from localcluster.s3 import S3Server, running_s3
-from localcluster.tools import tool
+from localcluster.s3 import S3Server
 
 Spec = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
@@ -780,16 +778,6 @@ def test_when_nothing_is_read(
 
 # ---------------------------------------------------------------------------------------------
 # S3: a real S3-compatible server (versitygw from hack/build-tools.sh)
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    try:
-        tool("versitygw")
-    except MissingToolError as exc:
-        pytest.skip(str(exc))
-    with running_s3(tmp_path_factory.mktemp("s3"), key_prefix="op") as server:
-        yield server
 
 
 @pytest.fixture
