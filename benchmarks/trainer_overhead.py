@@ -74,6 +74,7 @@ def train_runtime(log: str) -> float:
 
 def run_product(model: Path, data: Path, tmp: Path, steps: int) -> float:
     out = tmp / "product"
+    out.mkdir(parents=True, exist_ok=True)
     config = tmp / "product.json"
     config.write_text(json.dumps(product_config(model, data, out, steps)))
     argv = [sys.executable, "-m", "finetune_trainer", "--config", str(config)]
