@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from localcluster.processes import free_port, port_open
-from localcluster.testing import wait_for
+from localcluster.processes import free_port, port_open, start, terminate_group, wait_until
 from localcluster.tools import tool
 
 
@@ -28,28 +26,15 @@ class S3Server:
 def running_s3(root: Path, key_prefix: str = "s3") -> Iterator[S3Server]:
     """versitygw serving `root`/data on a free loopback port with fresh root credentials."""
     (root / "data").mkdir(parents=True, exist_ok=True)
-    log = root / "versitygw.log"
     port = free_port()
     access, secret = key_prefix + secrets.token_hex(6), secrets.token_urlsafe(24)
     # Credentials by environment only: argv is visible to every user in /proc.
     env = {**os.environ, "ROOT_ACCESS_KEY_ID": access, "ROOT_SECRET_ACCESS_KEY": secret}
     argv = [str(tool("versitygw")), "--port", f"127.0.0.1:{port}", "posix", str(root / "data")]
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = start("versitygw", argv, root / "versitygw.log", env)
     try:
-        wait_for(
-            lambda: port_open(port) or process.poll() is not None,
-            20,
-            "versitygw to listen",
-            describe=log.read_text,
-        )
-        if process.poll() is not None:
-            raise RuntimeError(f"versitygw exited with {process.returncode}:\n{log.read_text()}")
-        yield S3Server(f"http://127.0.0.1:{port}", access, secret, log)
+        wait_until(server, lambda: port_open(port), 20, f"listening on port {port}")
+        yield S3Server(f"http://127.0.0.1:{port}", access, secret, server.log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate_group(server.process.pid)
+        server.process.wait()

@@ -34,7 +34,6 @@ from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.methods.deepspeed import deepspeed_available, zero_config
 from finetune_trainer.methods.loading import (
     MethodError,
-    Precision,
     device_precision,
     load_for_training,
     load_tokenizer,
@@ -117,10 +116,6 @@ def eval_schedule(config: TrainerConfig, steps_per_epoch: int, examples: int) ->
     return {"eval_strategy": "epoch"}
 
 
-def precision(config: TrainerConfig) -> Precision:
-    return device_precision(config.method)
-
-
 def deepspeed_arguments(config: TrainerConfig) -> dict[str, Any]:
     """TrainingArguments for DeepSpeed; the process group is already joined (`distributed.join`)."""
     import torch
@@ -136,7 +131,7 @@ def deepspeed_arguments(config: TrainerConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if not cuda and ds.offload != "none":
         log.info("method.deepspeed.offload %r ignored: without a GPU everything is in CPU memory", ds.offload)
-    p = precision(config)
+    p = device_precision(config.method)
     return {
         "deepspeed": zero_config(ds, config.hyperparameters, p.bf16, cuda, fp16=p.fp16),
         "accelerator_config": {"use_configured_state": True},
@@ -149,7 +144,7 @@ def training_arguments(config: TrainerConfig, paths: Paths, work: Workload, worl
     hp = config.hyperparameters
     steps_per_epoch = max(1, len(work.train) // (hp.batch_size * hp.gradient_accumulation * world))
     schedule = eval_schedule(config, steps_per_epoch, work.examples) if work.validation else {}
-    p = precision(config)
+    p = device_precision(config.method)
     return TrainingArguments(
         output_dir=str(paths.checkpoints),
         num_train_epochs=hp.epochs,
@@ -185,7 +180,7 @@ def evaluation_trainer(config: TrainerConfig, paths: Paths, work: Workload) -> A
     Trainer would: same batch size, collator and loss."""
     from transformers import Trainer, TrainingArguments
 
-    p = precision(config)
+    p = device_precision(config.method)
     args = TrainingArguments(
         output_dir=str(paths.out / "evaluation"),
         per_device_eval_batch_size=config.hyperparameters.batch_size,
