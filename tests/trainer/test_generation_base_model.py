@@ -71,3 +71,26 @@ def test_a_base_model_without_template_or_pad_token_trains_and_evaluates(
     saved = AutoTokenizer.from_pretrained(final)
     assert saved.chat_template == DEFAULT_TEMPLATE
     assert saved.pad_token == saved.eos_token  # what training padded with
+
+
+def test_held_out_samples_in_the_status_never_show_a_secret_value(tiny_model: Path, tmp_path: Path) -> None:
+    canary = "sb-canary-5f1e0c9a7d2b"  # the trainer's persistence key, pasted into the data by mistake
+    records = synthetic_dataset(120, seed=5)
+    for record in records:
+        record["instruction"] = f"{record['instruction']} (key {canary})"
+    data = write_jsonl(records, tmp_path / "train.jsonl")
+    config = base_config(
+        tiny_model,
+        data,
+        tmp_path / "out",
+        goal={"metrics": ["exact_match"]},
+        dataset={"source": str(data), "format": "alpaca", "split": {"validation": 0.1, "test": 0.1}},
+    )
+    result = run_trainer(config, tmp_path, env={"SUPABASE_SERVICE_ROLE_KEY": canary})
+    assert result.code == ExitCode.SUCCEEDED, result.log[-3000:]
+    samples = result.report()["samples"]
+    # The premise: the samples are the held-out prompts, which carried the key.
+    assert len(samples) == 3 and all(s["baseline"] is not None and s["final"] is not None for s in samples)
+    assert all("(key ***)" in s["prompt"] for s in samples), samples
+    stored = (tmp_path / "out" / "run" / "samples.json").read_text()
+    assert canary not in json.dumps(result.report()) and canary not in stored
