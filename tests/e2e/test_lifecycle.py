@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,19 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from finetune_trainer.testing.tiny import distinct_records, write_jsonl
+from localcluster import ClusterInfo
+from localcluster.quickstart import BUCKET, s3_client
 from localcluster.testing import events_for, wait_for
+from localcluster.tools import REPO_ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 Status = Callable[[str], dict[str, Any]]
 
 # Long enough to interrupt, short enough for a test: about 250 steps, a checkpoint every 20.
 LONGER = {"hyperparameters": {"epochs": 3}, "checkpoints": {"everySteps": 20}}
+STOPS_WITHIN_S = 20.0  # SIGTERM to a stopped trainer, through the Job controller and the node
+NAN_STEP = 10  # a logging step (every 10 by default)
 
 
 def trainer_pids(job_uid: str) -> list[int]:
@@ -183,3 +190,69 @@ def test_rotated_secret_restarts_training_without_losing_work(
     assert resumed and resumed[-1] >= int(before["checkpoint"]["step"])
     assert any(e.startswith("SecretRotated") for e in events_for(core, namespace, "rotating"))
     assert "rotated-value" not in json.dumps(status) + " ".join(events_for(core, namespace, "rotating"))
+
+
+def test_suspend_while_preparing_data_stops_the_pod_within_seconds(
+    launch_tiny: Any,
+    cluster: ClusterInfo,
+    kube: client.ApiClient,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    key = f"data/{namespace}/distinct.jsonl"  # cleaning 100,000 of them takes minutes
+    data = write_jsonl(distinct_records(100_000), tmp_path / "distinct.jsonl")
+    s3_client(cluster).upload_file(str(data), BUCKET, key)
+    uid = launch_tiny("early", dataset={"source": f"s3://{BUCKET}/{key}"})["metadata"]["uid"]
+    wait_for(
+        lambda: "cleaning 100000 records from dataset.source" in pod_logs(tail=None),
+        300,
+        "the trainer to clean the data",
+        describe=pod_logs,
+    )
+    assert job_status("early")["phase"] == "Preparing"
+    client.CustomObjectsApi(kube).patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "early", {"spec": {"suspend": True}}
+    )
+    suspended = time.monotonic()
+    wait_for(lambda: not trainer_pids(uid), 120, "the trainer to stop", describe=pod_logs)
+    # The pod's grace period is 300 s: a trainer that ignored SIGTERM would run that long.
+    assert time.monotonic() - suspended < STOPS_WITHIN_S, pod_logs()
+    assert "SIGTERM received outside training: stopping now" in pod_logs(tail=None)
+    status = wait_for(
+        lambda: job_status("early").get("phase") == "Suspended" and job_status("early"),
+        60,
+        "phase Suspended",
+        describe=pod_logs,
+    )
+    assert status["restarts"] == 0, "a suspend is not a crash"
+
+
+def test_a_diverging_run_fails_for_good_naming_the_step(
+    launch_tiny: Any,
+    core: client.CoreV1Api,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    namespace: str,
+) -> None:
+    faults = REPO_ROOT / ".run" / "faults" / namespace  # inside the tree the trainer pod sees
+    faults.mkdir(parents=True, exist_ok=True)
+    (faults / "sitecustomize.py").write_text(
+        f"from finetune_trainer.testing.faults import inject\ninject('loss', {NAN_STEP})\n"
+    )
+    launch_tiny(
+        "diverging",
+        env=[{"name": "PYTHONPATH", "value": str(faults)}],
+        checkpoints={"everySteps": NAN_STEP // 2},
+    )
+    status = wait_for(
+        lambda: finished(job_status, "diverging"), 600, "the job to finish", interval=2, describe=pod_logs
+    )
+    assert status["phase"] == "Failed", pod_logs()
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["reason"] == "TrainingDiverged", complete
+    assert f"training diverged at step {NAN_STEP}: loss nan" in complete["message"], complete
+    assert status["restarts"] == 0, "a diverged run must not be retried"
+    assert len(core.list_namespaced_pod(namespace, label_selector="job-name").items) == 1
+    assert int(status["checkpoint"]["step"]) == NAN_STEP // 2, status["checkpoint"]

@@ -29,39 +29,10 @@ FAULT_STEP = 8  # a checkpoint and logging step: the save there must not happen
 FAULTY_TRAINER = """
 import sys
 
-import torch
-from transformers import TrainerCallback
+from finetune_trainer import __main__ as cli
+from finetune_trainer.testing.faults import inject
 
-from finetune_trainer import __main__ as cli, train
-
-kind, step = sys.argv[1], int(sys.argv[2])
-
-
-class Fault(TrainerCallback):
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        def nan_loss(module, inputs, output):
-            if kind == "loss" and module.training and state.global_step + 1 == step:
-                output.loss = output.loss * float("nan")
-            return output
-
-        model.register_forward_hook(nan_loss, prepend=True)  # before the trainer's own hooks
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if kind == "weight" and state.global_step == step:  # after the step's divergence check
-            with torch.no_grad():
-                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
-
-
-build = train.build_trainer
-
-
-def build_with_fault(s, work):
-    trainer = build(s, work)
-    trainer.add_callback(Fault())
-    return trainer
-
-
-train.build_trainer = build_with_fault
+inject(sys.argv[1], int(sys.argv[2]))
 sys.exit(cli.main(sys.argv[3:]))
 """
 

@@ -16,22 +16,9 @@ import pytest
 from finetune_trainer import termination
 from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.testing.cli import Running, base_config, start_trainer, trainer_env
-from finetune_trainer.testing.tiny import synthetic_dataset, write_jsonl
+from finetune_trainer.testing.tiny import distinct_records, synthetic_dataset, write_jsonl
 
 PROMPT_EXIT_S = 5.0
-
-
-def big_dataset(path: Path, examples: int) -> Path:
-    """Distinct examples: cleaning and near-duplicate detection take minutes on them."""
-    with path.open("w", encoding="utf-8") as out:
-        for i in range(examples):
-            record = {
-                "instruction": f"question {i} about things",
-                "input": f"{i * 7} {i * 13}",
-                "output": "a",
-            }
-            out.write(json.dumps(record) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -58,7 +45,7 @@ def wait_for_phase(run: Running, phase: str, timeout: float = 180.0) -> None:
 def test_sigterm_while_preparing_data_stops_within_seconds(
     tiny_model: Path, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    data = big_dataset(tmp_path / "train.jsonl", 100_000)
+    data = write_jsonl(distinct_records(100_000), tmp_path / "train.jsonl")
     run = start_trainer(base_config(tiny_model, data, tmp_path / "out", "lora"), tmp_path / "run")
     processes.append(run.process)
     wait_for_phase(run, "Preparing")

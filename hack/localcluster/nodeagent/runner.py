@@ -226,6 +226,8 @@ class PodRunner:
             "KUBERNETES_SERVICE_PORT": str(self.node.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.node.api_port),
             RUN_MARKER: self.node.run_id,
+            # No PID namespace here, so tini is not PID 1: as a subreaper it still reaps orphans.
+            "TINI_SUBREAPER": "1",
         }
         declared = container_env(self._ctx(), container, self.node.lookup)
         return base | declared

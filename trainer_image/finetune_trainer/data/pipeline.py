@@ -177,6 +177,7 @@ def clean_and_split(ds: Dataset, store: S3Store) -> CleanData:
     raw_test = (
         load_records(ds.test_source, store, ds.hub_split, "dataset.testSource") if ds.test_source else []
     )
+    log.info("cleaning %d records from %s", len(raw) + len(raw_test), _where(ds))
     cleaned, lines_removed = clean_records(raw + raw_test, ds)
     pool, pool_dropped = _examples(cleaned[: len(raw)], ds, "dataset.source")
     test, test_dropped = _examples(cleaned[len(raw) :], ds, "dataset.testSource")

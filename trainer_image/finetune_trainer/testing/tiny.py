@@ -74,6 +74,12 @@ def synthetic_dataset(n: int, seed: int = 0, fmt: Format = "alpaca") -> list[dic
     return synthetic_records(n, seed, fmt)
 
 
+def distinct_records(n: int) -> Iterable[dict[str, Any]]:
+    """Examples that share no lines: cleaning and near-duplicate detection take minutes on 100,000."""
+    for i in range(n):
+        yield {"instruction": f"question {i} about things", "input": f"{i * 7} {i * 13}", "output": "a"}
+
+
 def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as out:
