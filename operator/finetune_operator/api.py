@@ -40,11 +40,16 @@ RESERVED_ENV_NAMES = (
     "USER_ID",
     "FINETUNE_CONFIG",
     "METRICS_PORT",
+    "POD_IP",
     "MASTER_ADDR",
     "MASTER_PORT",
     "WORLD_SIZE",
     "NNODES",
     "NODE_RANK",
+    "NPROC_PER_NODE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
 )
@@ -1134,6 +1139,14 @@ class ProgressStatus(_Model):
     )
 
 
+class RanksStatus(_Model):
+    """The trainer processes of the run: one per GPU in each pod."""
+
+    world_size: Annotated[int, Field(ge=1)] = Field(description="Processes in all pods.")
+    per_pod: Annotated[int, Field(ge=1)] = Field(description="Processes in each pod (its GPUs).")
+    pods: Annotated[int, Field(ge=1)] = Field(description="Pods (resources.nodes).")
+
+
 class CheckpointStatus(_Model):
     """The latest checkpoint."""
 
@@ -1193,6 +1206,7 @@ class FineTuneJobStatus(_Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     method: MethodStatus | None = Field(default=None, description="The method used and why.")
+    ranks: RanksStatus | None = Field(default=None, description="The trainer processes, as started.")
     data: DataReport | None = Field(default=None, description="Data preparation report.")
     baseline: MetricValues | None = Field(
         default=None, description="Base model metrics on the test set, before training."

@@ -490,18 +490,26 @@ def trainer_env(
 
 
 def _rendezvous_env(job: JobRef, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The trainer starts NPROC_PER_NODE processes, one per GPU (`finetune_trainer.launcher`); the
+    rest tells the pods of a multi-node job how to find each other."""
     nodes = spec.resources.nodes
+    procs = [_env_value("NPROC_PER_NODE", str(processes_per_pod(spec)))]
     if nodes <= 1:
-        return []
+        return procs
     names = child_names(job.name)
     index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
     return [
         _env_value("MASTER_ADDR", f"{names.job}-0.{names.service}"),
         _env_value("MASTER_PORT", str(MASTER_PORT)),
         _env_value("NNODES", str(nodes)),
-        _env_value("WORLD_SIZE", str(nodes * max(spec.resources.gpus_per_node, 1))),
+        _env_value("WORLD_SIZE", str(nodes * processes_per_pod(spec))),
         {"name": "NODE_RANK", "valueFrom": index},
+        *procs,
     ]
+
+
+def processes_per_pod(spec: FineTuneJobSpec) -> int:
+    return max(spec.resources.gpus_per_node, 1)
 
 
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -609,7 +617,7 @@ def _container(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *
         "volumeMounts": mounts,
         "securityContext": _container_security_context(settings),
     }
-    if spec.resources.nodes > 1:
+    if spec.resources.nodes > 1 or processes_per_pod(spec) > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
     resources = _resources(spec)
     if resources:

@@ -240,6 +240,8 @@ def status_from_report(report: TrainerReport, old: Mapping[str, Any] | None = No
         fields["message"] = _clip(report.message, MAX_MESSAGE)
     if report.method is not None and report.method.type in {m.value for m in api.ResolvedMethodType}:
         fields["method"] = {"type": report.method.type, "reason": _clip(report.method.reason, MAX_REASON)}
+    if report.ranks is not None:
+        fields["ranks"] = report.ranks.model_dump(by_alias=True)
     if report.data is not None:
         fields["data"] = report.data.model_dump(by_alias=True)
     if report.baseline:

@@ -103,24 +103,18 @@ def test_zero_full_fine_tune_across_two_pods(
 
 
 def test_qlora_job_succeeds(launch: Any, job_status: Status, pod_logs: Callable[[], str]) -> None:
-    """The quickstart's task on a 4-bit base (bitsandbytes' CPU backend here): the adapter learns
-    the form of the Unicode names on top of quantized SmolLM2 weights. In the same 42 steps it gets
-    far fewer names exactly right than LoRA on float32 weights, so the test asserts the overlap
-    metrics, not exact match."""
+    """The quickstart's task and success criteria on a 4-bit base (bitsandbytes' CPU backend here):
+    the adapter learns the Unicode names on top of quantized SmolLM2 weights."""
     launch(
         "qlora",
         method={"type": "qlora", "quantization": {"bits": 4, "quantType": "nf4", "doubleQuant": True}},
-        # The 4-bit base starts further off (baseline eval loss 4.2 against 3.6 in float32); twice
-        # the LoRA rate, as 0.003 made the loss spike.
-        hyperparameters={"learningRate": 0.002},
-        goal={"successCriteria": [{"metric": "eval_loss", "maxRegression": 0.0}]},
         checkpoints={"everySteps": 20},
     )
     status = run_to_the_end("qlora", job_status, pod_logs, timeout=900)
     assert status["method"]["type"] == "qlora"
-    assert status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
-    assert status["final"]["token_f1"] > status["baseline"]["token_f1"] + 0.2, status
-    assert status["final"]["rougeL"] > status["baseline"]["rougeL"] + 0.2, status
+    assert status["final"]["eval_loss"] < status["baseline"]["eval_loss"] - 2.0, status
+    assert status["final"]["exact_match"] > status["baseline"]["exact_match"], status
+    assert status["final"]["token_f1"] > status["baseline"]["token_f1"] + 0.3, status
     assert status["checkpoint"]["verified"] is True
 
 

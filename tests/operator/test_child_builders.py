@@ -15,7 +15,9 @@ from finetune_operator.builders import JobRef
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.status import EXIT_CODE_MEANINGS
 from finetune_trainer.config import parse_config
+from finetune_trainer.distributed import rendezvous_from_env
 from finetune_trainer.exitcodes import ExitCode
+from finetune_trainer.launcher import plan_from_env, rank_env
 
 Spec = dict[str, Any]
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -472,6 +474,58 @@ def test_multi_node_rendezvous(
     assert env["NODE_RANK"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
     }
+
+
+def _pod_env(env: dict[str, dict[str, Any]], pod_ip: str, index: int) -> dict[str, str]:
+    """The rendered env as the kubelet resolves it for the pod with completion index `index`."""
+    resolved = {"status.podIP": pod_ip}
+    out = {}
+    for name, entry in env.items():
+        if "value" in entry:
+            out[name] = entry["value"]
+        elif "fieldRef" in entry.get("valueFrom", {}):
+            path = entry["valueFrom"]["fieldRef"]["fieldPath"]
+            out[name] = resolved.get(path, str(index))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "ranks_of_pod_1", "world"),
+    [(1, 1, None, 1), (1, 4, None, 4), (2, 8, list(range(8, 16)), 16)],
+)
+def test_every_gpu_of_every_pod_gets_a_rank(
+    spec_dict: Callable[..., Spec],
+    settings: OperatorSettings,
+    job_ref: JobRef,
+    nodes: int,
+    gpus: int,
+    ranks_of_pod_1: list[int] | None,
+    world: int,
+) -> None:
+    """What the operator renders, read by the trainer's launcher and each rank it starts."""
+    spec = spec_dict(method={"type": "full"}, resources={"nodes": nodes, "gpusPerNode": gpus})
+    children = children_for(spec, settings, job_ref)
+    container = pod_spec(children)["containers"][0]
+    assert container["args"] == ["--config", "/etc/finetune/config.json"] and "command" not in container
+    env = env_of(children)
+    assert env["NPROC_PER_NODE"]["value"] == str(gpus)
+    seen: list[int] = []
+    for index in range(nodes):
+        pod = _pod_env(env, f"10.0.0.{index + 7}", index)
+        plan = plan_from_env(pod)
+        if gpus == 1:
+            assert plan is None
+            assert rendezvous_from_env(pod, cuda_devices=1).world_size == world
+            return
+        assert plan is not None and plan.world_size == world
+        if nodes == 1:
+            assert plan.master_addr == "10.0.0.7"  # the pod's own address: pods may share a host
+        ranks = [rendezvous_from_env(pod | rank_env(plan, i), cuda_devices=gpus) for i in range(gpus)]
+        assert {r.world_size for r in ranks} == {world}
+        seen += [r.rank for r in ranks]
+        if index == 1:
+            assert [r.rank for r in ranks] == ranks_of_pod_1
+    assert sorted(seen) == list(range(world))
 
 
 def test_single_node_has_no_service(

@@ -17,6 +17,7 @@ from finetune_trainer.report_model import (
     DataSummary,
     MethodInfo,
     Progress,
+    Ranks,
     SplitSizes,
     TrainerReport,
 )
@@ -109,6 +110,7 @@ def full_report(**changes: Any) -> TrainerReport:
     fields: dict[str, Any] = {
         "phase": ReportPhase.TRAINING,
         "method": MethodInfo(type="qlora", reason="on-prem, 3,200 examples"),
+        "ranks": Ranks(world_size=16, per_pod=8, pods=2),
         "data": DataSummary(
             raw=3500,
             duplicates_removed=300,
@@ -132,6 +134,7 @@ def test_report_is_copied_into_status() -> None:
     patch = status.status_from_report(full_report())
     assert patch["phase"] == "Training"
     assert patch["method"] == {"type": "qlora", "reason": "on-prem, 3,200 examples"}
+    assert patch["ranks"] == {"worldSize": 16, "perPod": 8, "pods": 2}
     assert patch["data"]["split"] == {"train": 1260, "validation": 70, "test": 70}
     assert patch["data"]["duplicatesRemoved"] == 300
     assert patch["baseline"] == {"eval_loss": 2.91, "exact_match": 0.02}

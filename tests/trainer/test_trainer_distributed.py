@@ -34,6 +34,18 @@ OPERATOR_ENV = {
     "MASTER_PORT": "29500",
 }
 
+# What the launcher sets on the processes of a one-pod job with gpusPerNode 2.
+LAUNCHED_ONE_POD = {
+    "NNODES": "1",
+    "NODE_RANK": "0",
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2",
+    "LOCAL_RANK": "0",
+    "RANK": "0",
+    "MASTER_ADDR": "10.0.0.7",
+    "MASTER_PORT": "29500",
+}
+
 
 @pytest.mark.parametrize(
     ("env", "cuda_devices", "rank", "world"),
@@ -41,10 +53,14 @@ OPERATOR_ENV = {
         ({}, 0, 0, 1),
         (OPERATOR_ENV, 0, 1, 2),
         (OPERATOR_ENV | {"NODE_RANK": "0"}, 1, 0, 2),
-        # gpusPerNode 4 without GPUs: one process per pod.
+        # gpusPerNode 4 but no launcher (an operator that predates NPROC_PER_NODE): one per pod.
         (OPERATOR_ENV | {"WORLD_SIZE": "8"}, 0, 1, 2),
-        # gpusPerNode 4 under torchrun: the fourth GPU's process of the second pod.
-        (OPERATOR_ENV | {"WORLD_SIZE": "8", "LOCAL_RANK": "3"}, 4, 7, 8),
+        # gpusPerNode 4 under the launcher (or torchrun): the fourth GPU's process of the second pod.
+        (OPERATOR_ENV | {"WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 4, 7, 8),
+        # The same on CPU, where processes stand in for GPUs.
+        (OPERATOR_ENV | {"WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 0, 7, 8),
+        # One pod with two GPUs: its second process.
+        (LAUNCHED_ONE_POD | {"LOCAL_RANK": "1"}, 2, 1, 2),
     ],
 )
 def test_rank_and_world_size_follow_the_operator_env(
@@ -66,11 +82,19 @@ def test_one_node_is_a_single_process() -> None:
         ({"NODE_RANK": "2"}, "env NODE_RANK: got 2: must be below NNODES 2"),
         ({"MASTER_ADDR": ""}, "env MASTER_ADDR: not set on a multi-node job"),
         ({"MASTER_PORT": "0"}, "env MASTER_PORT: got '0': must be an integer >= 1"),
+        (
+            {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"},
+            "env LOCAL_RANK: got 2 but the pod sees 2 GPUs (fix: resources.gpusPerNode 4 must match",
+        ),
+        (
+            {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "8"},
+            "env WORLD_SIZE: got 8 but NNODES x LOCAL_WORLD_SIZE is 4",
+        ),
     ],
 )
 def test_bad_rendezvous_env_names_the_variable_and_value(change: dict[str, str], expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        rendezvous_from_env(OPERATOR_ENV | change, 0)
+        rendezvous_from_env(OPERATOR_ENV | change, 2)
     assert caught.value.messages[0].startswith(expected)
     assert "fix:" in caught.value.messages[0]
 
@@ -96,22 +120,32 @@ def start_ranks(
     running = []
     for rank in (1, 0):
         out = tmp_path / f"rank{rank}"
-        config = base_config(
-            model,
-            data,
-            out,
-            "full",
-            goal={"metrics": list(metrics), "successCriteria": [{"metric": "eval_loss", "maxRegression": 0}]},
-            hyperparameters={"batchSize": 8, "learningRate": 3e-3, "loggingSteps": 5, **hyperparameters},
-            checkpoints={"everySteps": 10},
-            validation=validation or {},
-        )
-        config["method"] |= {
-            "allowSmallDataFullFineTune": True,
-            "deepspeed": {"enabled": True, "stage": stage},
-        }
+        config = zero_config(model, data, out, stage, metrics, validation, **hyperparameters)
         running.append(start_trainer(config, out, env | {"NODE_RANK": str(rank)}))
     return running
+
+
+def zero_config(
+    model: Path,
+    data: Path,
+    out: Path,
+    stage: int = 2,
+    metrics: tuple[str, ...] = ("eval_loss",),
+    validation: dict[str, object] | None = None,
+    **hyperparameters: object,
+) -> dict[str, object]:
+    config = base_config(
+        model,
+        data,
+        out,
+        "full",
+        goal={"metrics": list(metrics), "successCriteria": [{"metric": "eval_loss", "maxRegression": 0}]},
+        hyperparameters={"batchSize": 8, "learningRate": 3e-3, "loggingSteps": 5, **hyperparameters},
+        checkpoints={"everySteps": 10},
+        validation=validation or {},
+    )
+    config["method"] |= {"allowSmallDataFullFineTune": True, "deepspeed": {"enabled": True, "stage": stage}}
+    return config
 
 
 def finish_all(running: list[Running], timeout: float) -> list[Result]:
@@ -148,6 +182,36 @@ def test_zero2_trains_as_two_processes_and_only_rank_0_reports(tiny_model: Path,
     # Each rank saved its own ZeRO optimizer shard.
     assert list((rank1.out / "checkpoints").glob("checkpoint-20/global_step20/zero_pp_rank_1_*"))
     assert not re.search(r"deepspeed_shm_comm\w* built", rank0.log + rank1.log)
+
+
+def test_one_pod_with_two_gpus_runs_two_ranks_through_the_launcher(tiny_model: Path, tmp_path: Path) -> None:
+    """NPROC_PER_NODE (the operator's gpusPerNode) processes in one pod; on CPU they stand in for GPUs."""
+    data = write_jsonl(synthetic_dataset(600, seed=0), tmp_path / "train.jsonl")
+    out = tmp_path / "pod"
+    env = {
+        "NPROC_PER_NODE": "2",
+        "POD_IP": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    config = zero_config(tiny_model, data, out, maxSteps=20) | {"metricsPort": _free_port()}
+    result = start_trainer(config, out, env).finish(timeout=300)
+    assert result.code == ExitCode.SUCCEEDED, result.log[-4000:]
+    assert "launching 2 trainer processes in this pod: ranks 0-1 of world size 2 (1 pods)" in result.log
+    for rank in (0, 1):
+        assert (
+            f"rank {rank} INFO finetune_trainer.distributed: process group ready: rank {rank} of world size 2"
+            in result.log
+        )
+    report = result.report()
+    assert report["phase"] == "Succeeded" and report["progress"]["step"] == 20
+    assert report["ranks"] == {"worldSize": 2, "perPod": 2, "pods": 1}
+    assert report["progress"]["epoch"] == pytest.approx(20 * 16 / 540, abs=0.01), "both ranks got data"
+    assert (out / "final" / "model.safetensors").is_file()
+    # Each process kept its own part of each checkpoint, as a pod of its own would.
+    assert list(out.glob("local-rank-1/checkpoints/checkpoint-20/global_step20/zero_pp_rank_1_*"))
+    assert list(out.glob("checkpoints/checkpoint-20/global_step20/zero_pp_rank_0_*"))
+    assert result.log.count("metrics on ") == 1, "one /metrics port per pod"
 
 
 def test_sigterm_to_one_pod_stops_both_ranks_at_the_same_checkpoint(tiny_model: Path, tmp_path: Path) -> None:

@@ -108,3 +108,32 @@ def test_qlora_runs_4bit_forward_backward_on_cpu(tiny_model: Path) -> None:
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     first, last = _step(model)
     assert last < first
+
+
+def _adapter_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_qlora_gradients_after_an_evaluation_are_those_before_it(tiny_model: Path) -> None:
+    """The baseline evaluation runs the 4-bit layers in eval mode first; training afterwards must
+    still backpropagate through them (bitsandbytes' CPU eval kernel has no backward)."""
+    method = Method.model_validate({"type": "qlora", "quantization": {"computeDtype": "float32"}})
+    model = load_for_training(str(tiny_model), ModelSource(source=str(tiny_model)), method, False)
+    ids = torch.randint(10, 200, (2, 16))
+    with torch.no_grad():  # one step's worth of adapter, so that B is not zero and grads reach A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    model.train()
+    before = _adapter_grads(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    after = _adapter_grads(model, ids)
+    assert before.keys() == after.keys() and len(before) > 4
+    for name, grad in before.items():
+        assert torch.allclose(grad, after[name], rtol=1e-3, atol=1e-6), name

@@ -26,6 +26,7 @@ from finetune_trainer.redact import RedactingFilter, redact
 
 if TYPE_CHECKING:
     from finetune_trainer.distributed import Rendezvous
+    from finetune_trainer.report_model import Ranks
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
 log = logging.getLogger("finetune_trainer")
@@ -34,7 +35,9 @@ PREEMPTED = (ExitCode.PREEMPTED_CHECKPOINTED, ExitCode.PREEMPTED_OUTSIDE_TRAININ
 
 def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Ranks of one pod share its log: each line says whose it is.
+    rank = f"rank {os.environ['RANK']} " if int(os.environ.get("WORLD_SIZE") or 1) > 1 else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -74,13 +77,18 @@ def run_config(config: TrainerConfig) -> ExitCode:
         rendezvous = distributed.rendezvous_from_env(os.environ, distributed.cuda_devices())
     except ConfigError as exc:
         return _invalid(exc.messages)
+    distributed.hide_until_join(os.environ)
     metrics = TrainerMetrics(config.job.namespace, config.job.name)
     reporter = ProgressReporter(config, writes=rendezvous.is_main)  # one writer per job
+    r = rendezvous
+    reporter.update(ranks=Ranks(world_size=r.world_size, per_pod=r.per_pod, pods=r.nodes))
     flags = runtime.log_startup(config, rendezvous=rendezvous)
     metrics.set_runtime(flags | runtime.library_versions())
-    metrics.serve(config.metrics_port)  # on $POD_IP when set
+    serves = rendezvous.local_rank == 0  # one /metrics port per pod
+    if serves:
+        metrics.serve(config.metrics_port)  # on $POD_IP when set
     code = train_and_report(config, metrics, reporter, rendezvous)
-    if code not in PREEMPTED:  # also when only another rank got the SIGTERM
+    if serves and code not in PREEMPTED:  # also when only another rank got the SIGTERM
         metrics.linger(config.metrics_linger_seconds)  # the pod's last values reach Prometheus
     return code
 
@@ -127,6 +135,16 @@ def stopped_outside_training(reporter: ProgressReporter) -> ExitCode:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finetune_trainer import launcher
+
+    try:
+        plan = launcher.plan_from_env(os.environ)
+    except ConfigError as exc:
+        setup_logging()
+        return int(_invalid(exc.messages))
+    if plan is not None:  # several GPUs in this pod: one process for each
+        setup_logging()
+        return launcher.launch(plan, sys.argv[1:] if argv is None else argv)
     termination.stop_on_sigterm()  # first: a pod deleted while Python starts stops cleanly too
     try:
         setup_logging()

@@ -1,9 +1,9 @@
 """The process group across a job's pods, from the rendezvous environment the operator sets.
 
 The operator sets NNODES, NODE_RANK (the Indexed Job's completion index), WORLD_SIZE (nodes x
-gpusPerNode), MASTER_ADDR and MASTER_PORT on multi-node jobs, and none of them on one node.
-Each pod runs one trainer process: on CPU always, on GPU when gpusPerNode is 1 (or when a launcher
-such as torchrun already set LOCAL_RANK and RANK for each GPU's process).
+gpusPerNode), MASTER_ADDR and MASTER_PORT on multi-node jobs, and NPROC_PER_NODE (gpusPerNode) on
+every job. A pod with several GPUs runs one process per GPU (`launcher`), which sets LOCAL_RANK,
+RANK and LOCAL_WORLD_SIZE for each, as torchrun does.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class Rendezvous:
         return self.rank == 0
 
     @property
+    def per_pod(self) -> int:
+        return self.world_size // self.nodes
+
+    @property
     def multi_process(self) -> bool:
         return self.world_size > 1
 
@@ -70,31 +74,35 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None, minimum:
 def rendezvous_from_env(env: Mapping[str, str], cuda_devices: int) -> Rendezvous:
     """This process's place in the job. `cuda_devices` is how many GPUs the pod sees."""
     nodes = _int(env, "NNODES", 1, minimum=1)
-    if nodes == 1 and _int(env, "WORLD_SIZE", 1, minimum=1) == 1:
+    launched = "LOCAL_RANK" in env  # one of several processes of a pod (see `launcher`)
+    if not launched and nodes == 1:
         return SINGLE
     node_rank = _int(env, "NODE_RANK", 0 if nodes == 1 else None)
     if node_rank >= nodes:
         raise ConfigError(
             [f"env NODE_RANK: got {node_rank}: must be below NNODES {nodes} (fix: 0 to {nodes - 1})"]
         )
-    requested = _int(env, "WORLD_SIZE", nodes, minimum=1)
-    launched = "LOCAL_RANK" in env
-    per_node = max(1, requested // nodes) if cuda_devices and launched else 1
-    if cuda_devices and not launched and requested > nodes:
-        log.warning(
-            "WORLD_SIZE %d asks for %d processes per pod; running one per pod (%d in all): "
-            "start the trainer through torchrun to use every GPU",
-            requested,
-            requested // nodes,
-            nodes,
-        )
-    elif not cuda_devices and requested != nodes:
-        log.info("no GPU: one process per pod, world size %d instead of WORLD_SIZE %d", nodes, requested)
+    per_node = _int(env, "LOCAL_WORLD_SIZE", 1, minimum=1) if launched else 1
     local_rank = _int(env, "LOCAL_RANK", 0)
+    if cuda_devices and local_rank >= cuda_devices:
+        raise ConfigError(
+            [
+                f"env LOCAL_RANK: got {local_rank} but the pod sees {cuda_devices} GPUs "
+                f"(fix: resources.gpusPerNode {per_node} must match the GPUs the pod gets)"
+            ]
+        )
+    world = nodes * per_node
+    if launched and _int(env, "WORLD_SIZE", world, minimum=1) != world:
+        raise ConfigError(
+            [
+                f"env WORLD_SIZE: got {env['WORLD_SIZE']} but NNODES x LOCAL_WORLD_SIZE is {world} "
+                "(fix: let the operator and the launcher set the rendezvous variables)"
+            ]
+        )
     return Rendezvous(
         rank=node_rank * per_node + local_rank,
         local_rank=local_rank,
-        world_size=nodes * per_node,
+        world_size=world,
         node_rank=node_rank,
         nodes=nodes,
         master_addr=_required(env, "MASTER_ADDR"),
@@ -115,6 +123,16 @@ def cuda_devices() -> int:
     import torch
 
     return int(torch.cuda.device_count())
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def hide_until_join(env: MutableMapping[str, str]) -> None:
+    """Rank 0 evaluates the baseline on a plain Trainer before the process group starts; with the
+    launcher's variables set, accelerate would start the group itself there. `join` sets them."""
+    for name in LAUNCHER_VARIABLES:
+        env.pop(name, None)
 
 
 def export(r: Rendezvous, env: MutableMapping[str, str]) -> None:
@@ -175,7 +193,7 @@ def join(r: Rendezvous, cuda: bool) -> None:
 def skip_shared_memory_op() -> None:
     """DeepSpeed's CPU backend compiles a shared-memory all-reduce op when it starts (2.5 minutes on
     2 cores, again in every fresh pod) unless the installed deepspeed ships it prebuilt. The op
-    speeds up ranks that share one host's memory; a pod runs a single rank, so it is skipped."""
+    speeds up ranks that share one host's memory, which only CPU runs (tests) have: skipped."""
     import deepspeed.ops
     from deepspeed.git_version_info import installed_ops
 

@@ -40,6 +40,14 @@ class MethodInfo(_Doc):
     reason: str = ""
 
 
+class Ranks(_Doc):
+    """The processes that train: one per GPU in each pod."""
+
+    world_size: int = 1
+    per_pod: int = 1
+    pods: int = 1
+
+
 class SplitSizes(_Doc):
     train: int = 0
     validation: int = 0
@@ -106,6 +114,7 @@ def _now() -> str:
 class TrainerReport(_Doc):
     phase: Phase = Phase.PREPARING
     method: MethodInfo | None = None
+    ranks: Ranks | None = None
     data: DataSummary | None = None
     baseline: dict[str, float] = Field(default_factory=dict)
     progress: Progress | None = None

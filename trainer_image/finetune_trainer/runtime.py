@@ -53,6 +53,7 @@ def runtime_flags(
         "job_id": env.get("JOB_ID", config.job.uid),
         "method": config.method.type,
         "world_size": str(rendezvous.world_size),
+        "processes_per_pod": str(rendezvous.per_pod),
         "rank": str(rendezvous.rank),
         "seed": str(config.hyperparameters.seed),
     }

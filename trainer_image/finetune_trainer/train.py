@@ -641,18 +641,25 @@ def final_weights(s: Session, trainer: Any) -> dict[str, Any] | None:
     return state
 
 
+def rank_dir(shared: Path, local_rank: int) -> Path:
+    """Each process of a pod keeps its own checkpoints and sidecars, as if it had the pod to itself
+    (the protocol in `checkpoints.parts` treats ranks alike); the base model is downloaded once."""
+    return shared if local_rank == 0 else shared / f"local-rank-{local_rank}"
+
+
 def run(
     config: TrainerConfig,
     metrics: TrainerMetrics,
     reporter: ProgressReporter,
     rendezvous: Rendezvous = distributed.SINGLE,
 ) -> ExitCode:
-    paths = Paths(Path(config.output_dir))
+    shared = Path(config.output_dir)
+    paths = Paths(rank_dir(shared, rendezvous.local_rank))
     paths.out.mkdir(parents=True, exist_ok=True)
     try:
         clean, warnings = prepare(config, reporter)  # data errors surface before any download
         set_seeds(config.hyperparameters.seed)
-        model_path = resolve_model_path(config.model, config.checkpoints.store, paths.out)
+        model_path = resolve_model_path(config.model, config.checkpoints.store, shared)
         r = rendezvous
         sink = build_sink(config, reporter, model_path, metrics, rank=r.rank, world_size=r.world_size)
         session = Session(config, paths, metrics, reporter, sink, RunState(), rendezvous, model_path)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,12 @@ def resolve_model_path(model: ModelSource, store: S3Store, cache_dir: Path) -> s
 
         target = cache_dir / "base-model"
         target.mkdir(parents=True, exist_ok=True)
-        return str(download_s3(source.rstrip("/") + "/", store, target))
+        done = target / ".downloaded"
+        with _exclusive(cache_dir / "base-model.lock"):  # the pod's other ranks wait, then reuse it
+            if not done.is_file():
+                download_s3(source.rstrip("/") + "/", store, target)
+                done.write_text(source)
+        return str(target)
     if source.startswith("hf://"):
         return source.removeprefix("hf://")
     if not Path(source).exists():
@@ -32,6 +40,16 @@ def resolve_model_path(model: ModelSource, store: S3Store, cache_dir: Path) -> s
             f"model.source: {source!r} does not exist (fix: a local folder, s3://… or hf://org/name)"
         )
     return source
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_tokenizer(path: str, revision: str | None) -> Any:
@@ -138,6 +156,7 @@ def wrap_for_method(model: Any, method: Method, gradient_checkpointing: bool) ->
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=gradient_checkpointing
         )
+        keep_cpu_4bit_layers_trainable(model)
     lora = method.lora
     config = LoraConfig(
         r=lora.r,
@@ -150,6 +169,21 @@ def wrap_for_method(model: Any, method: Method, gradient_checkpointing: bool) ->
     trainable, total = wrapped.get_nb_trainable_parameters()
     log.info("%s adapter: %d trainable of %d parameters", method.type, trainable, total)
     return wrapped
+
+
+def keep_cpu_4bit_layers_trainable(model: Any) -> int:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight for a faster kernel the
+    first time it runs in eval mode (the baseline evaluation) and never unpacks it when training
+    resumes; that kernel has no backward, so gradients through every 4-bit layer come out wrong and
+    the adapter learns noise. Training keeps the unpacked layout. Returns the layers changed."""
+    from bitsandbytes.nn.modules import Linear4bit
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def load_for_training(path: str, model: ModelSource, method: Method, gradient_checkpointing: bool) -> Any:
