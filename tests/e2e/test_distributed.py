@@ -116,12 +116,14 @@ def test_qlora_job_succeeds(launch: Any, job_status: Status, pod_logs: Callable[
     assert status["final"]["exact_match"] > status["baseline"]["exact_match"], status
     assert status["final"]["token_f1"] > status["baseline"]["token_f1"] + 0.3, status
     assert status["checkpoint"]["verified"] is True
+    print(f"qlora: baseline {status['baseline']} final {status['final']}")
 
 
-def rank_pid(job_uid: str, rank: int) -> int | None:
-    """The trainer process of one pod of the job: its environment carries JOB_ID and NODE_RANK, and
-    it is the Python process (the image's init, tini, carries the same environment)."""
-    wanted = {f"JOB_ID={job_uid}".encode(), f"NODE_RANK={rank}".encode()}
+def rank_pid(job_uid: str, rank: int, variable: str = "NODE_RANK") -> int | None:
+    """The trainer process of one pod of the job (or, by RANK, one rank of a pod with several): its
+    environment carries JOB_ID and the rank, and it is a Python process (the image's init, tini,
+    carries the same environment)."""
+    wanted = {f"JOB_ID={job_uid}".encode(), f"{variable}={rank}".encode()}
     for entry in Path("/proc").iterdir():
         try:
             if not entry.name.isdigit() or not wanted <= set((entry / "environ").read_bytes().split(b"\0")):
@@ -146,19 +148,36 @@ def committed_manifests(cluster: ClusterInfo, prefix: str) -> list[dict[str, Any
     return [json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()) for k in found]
 
 
-def launch_zero2_pair(launch_tiny: Any, name: str, steps: int) -> Any:
+def launch_zero2_pair(launch_tiny: Any, name: str, steps: int, gpus_per_node: int = 1) -> Any:
     """A two-pod ZeRO-2 job of exactly `steps` optimizer steps, checkpointing often."""
     return launch_tiny(
         name,
         method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
-        resources={"nodes": 2, "gpusPerNode": 1},
+        resources={"nodes": 2, "gpusPerNode": gpus_per_node},
         hyperparameters={"epochs": 1, "maxSteps": steps, "learningRate": 0.003},
         checkpoints=SHORT["checkpoints"],
         goal=SHORT["goal"],
     )
 
 
-def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
+def test_one_pod_with_two_gpus_trains_on_both(
+    launch_tiny: Any, job_status: Status, pod_logs: Callable[..., str]
+) -> None:
+    launch_tiny(
+        "ds-one-pod",
+        method={"type": "full", "deepspeed": {"stage": 2}, "allowSmallDataFullFineTune": True},
+        resources={"nodes": 1, "gpusPerNode": 2},
+        **SHORT,
+    )
+    status = run_to_the_end("ds-one-pod", job_status, pod_logs)
+    assert status["ranks"] == {"worldSize": 2, "perPod": 2, "pods": 1}, status
+    logs = pod_logs(tail=None)
+    assert "launching 2 trainer processes in this pod: ranks 0-1 of world size 2 (1 pods)" in logs
+    assert sorted(JOINED.findall(logs)) == [("0", "2", "gloo"), ("1", "2", "gloo")]
+    assert status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
+
+
+def test_killed_rank_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
     launch_tiny: Any,
     job_status: Status,
     pod_logs: Callable[..., str],
@@ -166,33 +185,38 @@ def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
     cluster: ClusterInfo,
     namespace: str,
 ) -> None:
+    """Two pods with two GPUs each: four ranks. One rank's process is killed; all four resume."""
     started = time.monotonic()
     # Long enough that an idle machine does not finish before a verified checkpoint is seen mid-run.
     steps = 200
-    obj = launch_zero2_pair(launch_tiny, "ds-kill", steps)
+    obj = launch_zero2_pair(launch_tiny, "ds-kill", steps, gpus_per_node=2)
     uid = obj["metadata"]["uid"]
     before = wait_for(
         lambda: verified_mid_run(job_status, "ds-kill"), 300, "a verified checkpoint", describe=pod_logs
     )
-    pid = rank_pid(uid, 1)
+    assert before["ranks"] == {"worldSize": 4, "perPod": 2, "pods": 2}, before
+    pid = rank_pid(uid, 3, variable="RANK")
     assert pid is not None, pod_logs()
-    os.kill(pid, signal.SIGKILL)  # rank 1's pod: an OOM kill or a lost node
-    # Rank 0 notices that its peer is gone and ends instead of waiting on a collective for minutes,
-    # so the Job brings both ranks back.
+    os.kill(pid, signal.SIGKILL)  # one GPU's process in the second pod: an OOM kill
+    # Its pod's launcher stops the pod's other rank; rank 0 notices that its peers are gone and
+    # ends instead of waiting on a collective for minutes, so the Job brings every rank back.
     wait_for(
-        lambda: len(re.findall("resuming at step", pod_logs(tail=None))) == 2,
+        lambda: len(re.findall("resuming at step", pod_logs(tail=None))) == 4,
         300,
-        "both ranks of the retry to resume",
+        "all four ranks of the retry to resume",
         describe=pod_logs,
     )
 
     status = run_to_the_end("ds-kill", job_status, pod_logs)
     assert status["restarts"] >= 1, status
     logs = pod_logs(tail=None)
-    # Both ranks of the retry resumed from the same checkpoint, at or after the verified one.
+    assert "rank process 1 ended with code -9: stopping the others" in logs
+    # All ranks of the retry resumed from the same checkpoint, at or after the verified one.
     resumed = [int(s) for s in re.findall(r"resuming at step (\d+)", logs)]
-    assert len(resumed) == 2 and resumed[0] == resumed[1] >= int(before["checkpoint"]["step"]), resumed
-    assert f"rank 1 resumes from checkpoint-{resumed[0]}" in logs
+    assert len(resumed) == 4 and len(set(resumed)) == 1, resumed
+    assert resumed[0] >= int(before["checkpoint"]["step"]), resumed
+    for rank in (1, 2, 3):
+        assert f"rank {rank} resumes from checkpoint-{resumed[0]}" in logs
     # Every configured step ran once in all: the resumed run trained on to exactly `steps`.
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps
     assert (
@@ -200,16 +224,16 @@ def test_killed_pod_of_a_two_pod_job_resumes_every_rank_from_its_checkpoint(
         and status["final"]["eval_loss"] < status["baseline"]["eval_loss"]
     )
 
-    # Every committed checkpoint lists both ranks' optimizer partitions and RNG states.
+    # Every committed checkpoint lists all four ranks' optimizer partitions and RNG states.
     manifests = committed_manifests(cluster, f"checkpoints/{namespace}/ds-kill/{uid}/checkpoints/")
     assert manifests and max(m["step"] for m in manifests) == steps
     for manifest in manifests:
         paths = {f["path"] for f in manifest["files"]}
-        assert manifest["world_size"] == 2
-        for rank in (0, 1):
+        assert manifest["world_size"] == 4
+        for rank in range(4):
             assert any(re.search(rf"zero_pp_rank_{rank}_mp_rank_00_optim_states\.pt$", p) for p in paths)
             assert f"rng_state_{rank}.pth" in paths
-    print(f"two-pod kill and resume: {time.monotonic() - started:.0f}s")
+    print(f"two-pod, four-rank kill and resume: {time.monotonic() - started:.0f}s")
 
 
 def test_suspended_two_pod_job_commits_every_ranks_part_and_resumes(

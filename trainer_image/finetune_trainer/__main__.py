@@ -26,7 +26,6 @@ from finetune_trainer.redact import RedactingFilter, redact
 
 if TYPE_CHECKING:
     from finetune_trainer.distributed import Rendezvous
-    from finetune_trainer.report_model import Ranks
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
 log = logging.getLogger("finetune_trainer")
@@ -36,7 +35,8 @@ PREEMPTED = (ExitCode.PREEMPTED_CHECKPOINTED, ExitCode.PREEMPTED_OUTSIDE_TRAININ
 def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     # Ranks of one pod share its log: each line says whose it is.
-    rank = f"rank {os.environ['RANK']} " if int(os.environ.get("WORLD_SIZE") or 1) > 1 else ""
+    launched = "LOCAL_RANK" in os.environ  # by the launcher: one of several processes of the pod
+    rank = f"rank {os.environ.get('RANK', '?')} " if launched else ""
     handler.setFormatter(logging.Formatter(f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -71,6 +71,7 @@ def run_config(config: TrainerConfig) -> ExitCode:
             ]
         )
     from finetune_trainer import distributed
+    from finetune_trainer.report_model import Ranks
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
     try:
