@@ -3,7 +3,10 @@
 # (`pip install -e '.[trainer]'` plus deepspeed). Each check runs `python -m finetune_trainer` on a
 # tiny Llama built locally (no downloads) and prints PASS or FAIL:
 #   qlora      bitsandbytes 4-bit NF4 base on CUDA with a LoRA adapter
-#   zero2-full DeepSpeed ZeRO stage 2 full fine-tune, one process launched by torchrun
+#   zero2-full DeepSpeed ZeRO stage 2 full fine-tune, one process per GPU
+# Both run the trainer image's command (its ENTRYPOINT, as the operator leaves it) with the
+# variables the operator sets on a one-pod job: NPROC_PER_NODE is the number of GPUs, so the
+# trainer starts one rank per GPU itself (finetune_trainer.launcher).
 # Usage: hack/gpu-check.sh    (PYTHON=/path/to/python to pick the interpreter; KEEP=1 keeps the work dir)
 # Exit status: the number of failed checks (0 when all pass).
 set -euo pipefail
@@ -21,7 +24,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export JOB_ID="gpu-check" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export JOB_ID="gpu-check" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false POD_IP=127.0.0.1
+
+trainer() {  # the image's ENTRYPOINT without tini (signals are not part of these checks)
+  "$PYTHON" -m finetune_trainer "$@"
+}
 
 result() {  # result <check> <PASS|FAIL> <detail>
   printf '%-12s %s  %s\n' "$1" "$2" "$3"
@@ -78,12 +85,12 @@ phase_of() {  # phase_of <report file>
 
 check_qlora() {
   local log="$WORK/qlora.log" code=0
-  "$PYTHON" -m finetune_trainer --config "$WORK/qlora.json" >"$log" 2>&1 || code=$?
+  NPROC_PER_NODE="$GPUS" trainer --config "$WORK/qlora.json" >"$log" 2>&1 || code=$?
   local phase
   phase="$(phase_of "$WORK/qlora/progress.json")"
   if [[ "$code" -eq 0 && -f "$WORK/qlora/final/adapter_model.safetensors" ]] &&
     grep -q '"device": "cuda"' "$log" && grep -q 'qlora adapter:' "$log"; then
-    result qlora PASS "exit $code, phase $phase, 4-bit base on CUDA, adapter saved"
+    result qlora PASS "exit $code, phase $phase, 4-bit base on CUDA, $GPUS rank(s), adapter saved"
   else
     result qlora FAIL "exit $code, phase $phase (log: $log)"
     tail -n 20 "$log"
@@ -96,12 +103,11 @@ check_zero2() {
     result zero2-full FAIL "deepspeed is not installed (pip install deepspeed)"
     return
   fi
-  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
-    -m finetune_trainer --config "$WORK/zero2-full.json" >"$log" 2>&1 || code=$?
+  NPROC_PER_NODE="$GPUS" trainer --config "$WORK/zero2-full.json" >"$log" 2>&1 || code=$?
   local phase
   phase="$(phase_of "$WORK/zero2-full/progress.json")"
   if [[ "$code" -eq 0 && -f "$WORK/zero2-full/final/model.safetensors" ]] && grep -qi 'zero' "$log"; then
-    result zero2-full PASS "exit $code, phase $phase, ZeRO-2 on CUDA, full weights saved"
+    result zero2-full PASS "exit $code, phase $phase, ZeRO-2 on CUDA, $GPUS rank(s), full weights saved"
   else
     result zero2-full FAIL "exit $code, phase $phase (log: $log)"
     tail -n 20 "$log"
@@ -109,6 +115,7 @@ check_zero2() {
 }
 
 preflight
+GPUS="$(nvidia-smi -L | grep -c '^GPU')"
 prepare
 check_qlora
 check_zero2

@@ -36,6 +36,14 @@ GIB = 1024**3
 WEIGHT_BYTES_16BIT = 2.0
 GRADIENT_BYTES = 2.0
 OPTIMIZER_BYTES = 12.0
+# ZeRO-2 also keeps each rank's gradient partition in fp32; ZeRO-3 keeps only that, freeing the
+# 16-bit gradient once reduced (DeepSpeed's own estimators count 18 bytes per parameter over the
+# ranks for both stages: gradients, fp32 master weights and moments, and for ZeRO-3 the weights).
+ZERO2_GRADIENT_BYTES = GRADIENT_BYTES + 4.0
+ZERO3_GRADIENT_BYTES = 4.0
+# A ZeRO-3 rank gathers one whole layer at a time in fp32 (4 bytes); the largest layer of common
+# language models, the embedding, is 2% (7B) to 20% (135M) of the parameters.
+ZERO3_GATHERED_LAYER_FRACTION = 0.1
 # NF4 weights (0.5) plus one fp32 scale per 64-weight block (0.0625), or about 0.127 bits per
 # weight (0.016) with double quantization (Dettmers et al. 2023).
 WEIGHT_BYTES_4BIT = 0.5
@@ -253,6 +261,7 @@ class MemoryEstimate:
     gradients: float
     optimizer: float
     activations: float
+    ranks: int = 1
 
     @property
     def total(self) -> float:
@@ -260,7 +269,7 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (
-            f"{_METHOD_LABEL[self.method]}{_stage_label(self.deepspeed_stage)} needs about "
+            f"{_METHOD_LABEL[self.method]}{_stage_label(self.deepspeed_stage, self.ranks)} needs about "
             f"{self.total:.1f} GiB per GPU: weights {self.weights:.1f} + gradients {self.gradients:.1f} + "
             f"optimizer {self.optimizer:.1f} + activations {self.activations:.1f}"
         )
@@ -273,8 +282,10 @@ _METHOD_LABEL = {
 }
 
 
-def _stage_label(stage: int | None) -> str:
-    return "" if stage is None else f" with ZeRO-{stage}"
+def _stage_label(stage: int | None, ranks: int) -> str:
+    if stage is None:
+        return ""
+    return f" with ZeRO-{stage} over {ranks} GPU{'s' if ranks != 1 else ''}"
 
 
 def activation_allowance_gib(tokens_per_micro_batch: int, *, gradient_checkpointing: bool) -> float:
@@ -299,17 +310,9 @@ def estimate_memory(
         tokens_per_micro_batch, gradient_checkpointing=gradient_checkpointing
     )
     if method == ResolvedMethodType.FULL:
-        shards = max(ranks, 1)
-        stage = deepspeed_stage or 0
-        weights = parameters * WEIGHT_BYTES_16BIT / (shards if stage >= 3 else 1)
-        gradients = parameters * GRADIENT_BYTES / (shards if stage >= 2 else 1)
-        optimizer = parameters * OPTIMIZER_BYTES / (shards if stage >= 1 else 1)
-        if offload in ("optimizer", "optimizer+params"):
-            optimizer = 0.0
-        if offload == "optimizer+params":
-            weights = 0.0
+        weights, gradients, optimizer = full_model_states(parameters, ranks, deepspeed_stage or 0, offload)
         return MemoryEstimate(
-            method, deepspeed_stage, weights / GIB, gradients / GIB, optimizer / GIB, activations
+            method, deepspeed_stage, weights / GIB, gradients / GIB, optimizer / GIB, activations, ranks
         )
     trainable = parameters * LORA_TRAINABLE_FRACTION
     if method == ResolvedMethodType.QLORA:
@@ -326,6 +329,27 @@ def estimate_memory(
         trainable * OPTIMIZER_BYTES / GIB,
         activations,
     )
+
+
+def full_model_states(parameters: float, ranks: int, stage: int, offload: str) -> tuple[float, float, float]:
+    """Bytes per GPU of weights, gradients and optimizer states for full fine-tuning. ZeRO-1
+    shards the optimizer over `ranks`, ZeRO-2 also the gradients, ZeRO-3 also the weights; with
+    offload the optimizer (and its fp32 gradients) live in CPU memory, and with optimizer+params
+    the weights too, but for the layer being computed."""
+    shards = max(ranks, 1)
+    weights = parameters * WEIGHT_BYTES_16BIT / (shards if stage >= 3 else 1)
+    if stage >= 2:
+        gradients = parameters * (ZERO3_GRADIENT_BYTES if stage >= 3 else ZERO2_GRADIENT_BYTES) / shards
+    else:
+        gradients = parameters * GRADIENT_BYTES
+    optimizer = parameters * OPTIMIZER_BYTES / (shards if stage >= 1 else 1)
+    if offload in ("optimizer", "optimizer+params"):
+        optimizer = gradients = 0.0
+    if stage >= 3:
+        weights += parameters * ZERO3_GATHERED_LAYER_FRACTION * 4.0
+        if offload == "optimizer+params":
+            weights = parameters * ZERO3_GATHERED_LAYER_FRACTION * 4.0
+    return weights, gradients, optimizer
 
 
 def estimate_for(

@@ -214,6 +214,41 @@ def test_one_pod_with_two_gpus_runs_two_ranks_through_the_launcher(tiny_model: P
     assert result.log.count("metrics on ") == 1, "one /metrics port per pod"
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_train_data_parallel_in_one_pod_with_two_gpus(
+    tiny_model: Path, tmp_path: Path, method: str
+) -> None:
+    """LoRA and QLoRA on several GPUs: one process per GPU, each with its own copy of the (4-bit)
+    base model, gradients averaged between them (DDP, no DeepSpeed)."""
+    data = write_jsonl(synthetic_dataset(600, seed=0), tmp_path / "train.jsonl")
+    out = tmp_path / "pod"
+    config = base_config(
+        tiny_model,
+        data,
+        out,
+        method,
+        goal={"metrics": ["eval_loss"], "successCriteria": [{"metric": "eval_loss", "maxRegression": 0}]},
+        hyperparameters={"batchSize": 8, "learningRate": 3e-3, "loggingSteps": 5, "maxSteps": 20},
+        checkpoints={"everySteps": 10},
+    )
+    env = {
+        "NPROC_PER_NODE": "2",
+        "POD_IP": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = start_trainer(config, out, env).finish(timeout=300)
+    assert result.code == ExitCode.SUCCEEDED, result.log[-4000:]
+    assert sorted(re.findall(r"process group ready: rank (\d) of world size 2", result.log)) == ["0", "1"]
+    report = result.report()
+    assert report["ranks"] == {"worldSize": 2, "perPod": 2, "pods": 1}
+    assert report["progress"]["epoch"] == pytest.approx(20 * 16 / 540, abs=0.01), "both ranks got data"
+    assert report["final"]["eval_loss"] < report["baseline"]["eval_loss"]
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert (out / "local-rank-1" / "checkpoints" / "checkpoint-20" / "rng_state_1.pth").is_file()
+    assert "baseline:" not in "".join(line for line in result.log.splitlines() if " rank 1 " in line)
+
+
 def test_sigterm_to_one_pod_stops_both_ranks_at_the_same_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
     rank1, rank0 = start_ranks(tiny_model, tmp_path, maxSteps=400)
     rank1.wait_for(r'progress: \{"step":5,', timeout=240)

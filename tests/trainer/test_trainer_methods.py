@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,49 @@ def test_zero_config_without_a_gpu_needs_no_compiled_deepspeed_op() -> None:
     assert "optimizer" not in config  # the Trainer's torch AdamW, not DeepSpeed's compiled Adam
     assert "offload_optimizer" not in config["zero_optimization"]
     assert "optimizer" not in zero_config(DeepSpeed(enabled=True, stage=2), hp, True, cuda=True)
+
+
+# One DeepSpeed engine with the generated config and the Trainer's kind of optimizer (torch AdamW),
+# one training step. On CPU the engine runs as it would on a GPU node, offload included.
+OFFLOAD_STEP = """
+import os, socket, sys
+import torch
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import deepspeed
+from finetune_trainer.config import DeepSpeed, Hyperparameters
+from finetune_trainer.methods.deepspeed import zero_config
+
+ds = DeepSpeed(enabled=True, stage=int(sys.argv[1]), offload=sys.argv[2])
+config = zero_config(ds, Hyperparameters(batch_size=2, gradient_accumulation=1), False, cuda=True)
+config["gradient_clipping"] = 1.0  # what the Trainer fills in for "auto"
+config["zero_optimization"] |= {"reduce_bucket_size": 1e6, "overlap_comm": False}
+config["zero_optimization"].pop("stage3_prefetch_bucket_size", None)
+config["zero_optimization"].pop("stage3_param_persistence_threshold", None)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+deepspeed.init_distributed("gloo")
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+loss = engine(torch.randn(2, 8)).pow(2).mean()
+engine.backward(loss)
+engine.step()
+print("stepped with", type(engine.optimizer).__name__)
+"""
+
+
+@pytest.mark.parametrize(("stage", "offload"), [(2, "optimizer"), (3, "optimizer"), (3, "optimizer+params")])
+def test_deepspeed_starts_with_offload_and_the_trainers_optimizer(stage: int, offload: str) -> None:
+    """DeepSpeed refuses ZeRO-Offload with a torch optimizer unless the config allows it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFLOAD_STEP, str(stage), offload],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0 and "stepped with DeepSpeedZeroOptimizer" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_zero_config_follows_the_precision() -> None:

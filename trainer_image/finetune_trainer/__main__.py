@@ -79,6 +79,7 @@ def run_config(config: TrainerConfig) -> ExitCode:
     except ConfigError as exc:
         return _invalid(exc.messages)
     distributed.hide_until_join(os.environ)
+    distributed.select_gpu(rendezvous)
     metrics = TrainerMetrics(config.job.namespace, config.job.name)
     reporter = ProgressReporter(config, writes=rendezvous.is_main)  # one writer per job
     r = rendezvous

@@ -119,6 +119,14 @@ def _required(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def select_gpu(r: Rendezvous) -> None:
+    """This rank's GPU, before anything is loaded onto one (LOCAL_RANK is GPU LOCAL_RANK)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(r.local_rank)
+
+
 def cuda_devices() -> int:
     import torch
 
@@ -152,8 +160,9 @@ def backend(cuda: bool) -> str:
     return "nccl" if cuda else "gloo"
 
 
-def join(r: Rendezvous, cuda: bool) -> None:
-    """Start the process group and hand it to accelerate configured for DeepSpeed.
+def join(r: Rendezvous, cuda: bool, deepspeed: bool = True) -> None:
+    """Start the process group and hand it to accelerate, configured for DeepSpeed or for
+    data-parallel training (DDP) of LoRA and QLoRA.
 
     accelerate finds no backend on a machine without GPUs unless it is told one, and would then
     treat every rank as a lone process (no data sharding, every rank "process zero"); so the
@@ -182,7 +191,7 @@ def join(r: Rendezvous, cuda: bool) -> None:
     else:  # one process: an in-memory store, so no port is taken on a host that pods share
         dist.init_process_group(name, store=HashStore(), rank=0, world_size=1)
     AcceleratorState._reset_state(reset_partial_state=True)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if deepspeed else "false"
     state = PartialState(backend=name)
     log.info(
         "process group ready: rank %d of world size %d, backend %s, device %s",

@@ -172,7 +172,15 @@ def training_arguments(config: TrainerConfig, paths: Paths, work: Workload, worl
         dataloader_num_workers=0,
         **schedule,
         **deepspeed_arguments(config),
+        **data_parallel_arguments(config, world),
     )
+
+
+def data_parallel_arguments(config: TrainerConfig, world: int) -> dict[str, Any]:
+    """LoRA and QLoRA on several processes: DDP on the process group `distributed.join` started."""
+    if config.method.deepspeed.enabled or world == 1:
+        return {}
+    return {"accelerator_config": {"use_configured_state": True}, "average_tokens_across_devices": False}
 
 
 def evaluation_trainer(config: TrainerConfig, paths: Paths, work: Workload) -> Any:
@@ -488,22 +496,19 @@ def decide(s: Session, baseline: dict[str, float], final: dict[str, float]) -> E
 
 
 def trainer_and_baseline(s: Session, work: Workload, resume: Path | None) -> tuple[Any, dict[str, float]]:
-    """With DeepSpeed, rank 0 evaluates the base model on a plain Trainer before the process group
-    starts: a ZeRO-2 engine cannot evaluate before training, and the numbers mean the same.
+    """With several processes (or DeepSpeed), rank 0 evaluates the base model on a plain Trainer
+    before the process group starts: a ZeRO-2 engine cannot evaluate before training, and the
+    numbers mean the same.
     So it does for ZeRO-3: every rank loads the whole model before the engine partitions it, so
     rank 0's baseline needs no more memory than loading did, and the other ranks only wait."""
-    if not s.config.method.deepspeed.enabled:
-        if s.rendezvous.multi_process:
-            raise MethodError(
-                f"method.deepspeed.enabled: false with {s.rendezvous.nodes} nodes: only DeepSpeed "
-                "trains across pods (fix: set resources.nodes: 1, or method.type: full)"
-            )
+    if not s.config.method.deepspeed.enabled and not s.rendezvous.multi_process:
         trainer = build_trainer(s, work)
         return trainer, baseline_metrics(s, trainer, work, resume)
     baseline: dict[str, float] = {}
     if s.rendezvous.is_main:
         baseline = baseline_metrics(s, evaluation_trainer(s.config, s.paths, work), work, resume)
-    distributed.join(s.rendezvous, cuda=_cuda())
+    # Without DeepSpeed, several processes train data-parallel (DDP), each with the whole model.
+    distributed.join(s.rendezvous, cuda=_cuda(), deepspeed=s.config.method.deepspeed.enabled)
     return build_trainer(s, work), baseline
 
 

@@ -13,7 +13,9 @@ def zero_config(
     """A ZeRO-2/3 config for transformers' Trainer; "auto" values are filled in by the Trainer.
 
     There is no "optimizer" section, so the Trainer builds a torch optimizer: DeepSpeed's own
-    optimizers are compiled on first use (minutes per pod). Without a GPU, offload is dropped:
+    optimizers are compiled on first use (minutes per pod). With offload, that torch AdamW steps
+    the fp32 master weights in CPU memory (slower than DeepSpeed's CPU Adam, but it starts
+    anywhere). Without a GPU, offload is dropped:
     everything already lives in CPU memory, and offload would require DeepSpeed's compiled CPU Adam.
     """
     zero: dict[str, Any] = {
@@ -33,7 +35,7 @@ def zero_config(
             "stage3_param_persistence_threshold": "auto",
             "stage3_gather_16bit_weights_on_model_save": True,
         }
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": hp.batch_size,
         "gradient_accumulation_steps": hp.gradient_accumulation,
         "gradient_clipping": "auto",
@@ -42,6 +44,11 @@ def zero_config(
         "fp16": {"enabled": fp16, "loss_scale": 0},
         "zero_optimization": zero,
     }
+    if "offload_optimizer" in zero:
+        # DeepSpeed refuses offload with the Trainer's torch AdamW unless told otherwise; its own
+        # CPU Adam would be faster but is compiled on first use, which the runtime image cannot.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
 
 
 def deepspeed_available() -> bool:

@@ -135,10 +135,17 @@ def load_model(path: str, model: ModelSource, method: Method) -> Any:
     kwargs: dict[str, Any] = {"revision": model.revision, "dtype": _dtype(model.dtype)}
     if method.type == "qlora":
         kwargs["quantization_config"] = _quantization(method)
-        kwargs["device_map"] = "auto" if _cuda() else "cpu"
+        # Each rank its own 4-bit copy on its own GPU: "auto" would split one copy across the pod's GPUs.
+        kwargs["device_map"] = {"": _current_gpu()} if _cuda() else "cpu"
     loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     loaded.config.use_cache = False  # the cache would disable packed-sequence masks in training
     return loaded
+
+
+def _current_gpu() -> int:
+    import torch
+
+    return int(torch.cuda.current_device())
 
 
 def _cuda() -> bool:
