@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer.checkpoints import CheckpointEvent, CheckpointRestoreError, RankedS3Sink, S3Sink
-from finetune_trainer.checkpoints.parts import PartsMissingError, needed_by, owner_rank
+from finetune_trainer.checkpoints.parts import PartsMissingError, needed_by, owner_rank, parts_wait_seconds
 from finetune_trainer.config import TrainerConfig
 
 PREFIX = "jobs/team-a/support-bot/uid-1/checkpoints"
@@ -70,6 +70,22 @@ def test_per_rank_files_belong_to_their_rank_and_the_rest_is_shared(path: str, o
     rank = owner or 0
     assert needed_by(rank)(path)
     assert needed_by(rank + 1)(path) == (owner is None), "shared files go to every rank, own ones not"
+
+
+@pytest.mark.parametrize(
+    ("own_upload_seconds", "preempted", "wait"),
+    [
+        (2.0, False, 60.0),  # small checkpoints: the other ranks may simply start later
+        (100.0, False, 300.0),  # a 7B model's shards: three times rank 0's own upload
+        (900.0, False, 2700.0),  # no fixed cap while training: the wait follows the work
+        (100.0, True, 240.0),  # after SIGTERM, within the grace period
+        (2.0, True, 60.0),
+    ],
+)
+def test_the_wait_for_other_ranks_parts_scales_with_the_upload(
+    own_upload_seconds: float, preempted: bool, wait: float
+) -> None:
+    assert parts_wait_seconds(own_upload_seconds, preempted) == wait
 
 
 def test_both_parts_commit_one_manifest_and_each_rank_restores_its_share(

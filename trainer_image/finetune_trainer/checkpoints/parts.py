@@ -25,7 +25,10 @@ from finetune_trainer.checkpoints.objects import Objects
 
 log = logging.getLogger(__name__)
 PARTS = "parts"
-WAIT_SECONDS = 240.0  # within the default 300 s grace period a preempted job gets after SIGTERM
+# How long rank 0 waits for the other ranks' parts once its own is stored (`parts_wait_seconds`).
+WAIT_SECONDS = 240.0  # at most, after SIGTERM: within the default 300 s grace period
+MIN_WAIT_SECONDS = 60.0  # the other ranks may start saving a little later than rank 0
+WAIT_FACTOR = 3.0
 POLL_SECONDS = 1.0
 # DeepSpeed's per-rank files (`zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, ZeRO-3's
 # `zero_pp_rank_<r>_mp_rank_00_model_states.pt`) and transformers' `rng_state_<r>.pth`.
@@ -87,6 +90,14 @@ def upload_part(objects: Objects, local_dir: Path, step_key: str, record: PartRe
         objects.upload(local_dir / entry.path, f"{step_key}/{entry.path}")
     objects.put(part_key(step_key, record.attempt, record.rank), record.model_dump_json(indent=2).encode())
     log.info("rank %d stored its %d files of step %d", record.rank, len(record.files), record.step)
+
+
+def parts_wait_seconds(own_upload_seconds: float, preempted: bool) -> float:
+    """The wait for the other ranks' parts: they upload at the same time as rank 0 and are no
+    larger than its part (which also holds the shared files), so a multiple of rank 0's own upload
+    time, and at least MIN_WAIT_SECONDS; after SIGTERM no more than the grace period leaves."""
+    wait = max(MIN_WAIT_SECONDS, WAIT_FACTOR * own_upload_seconds)
+    return min(wait, WAIT_SECONDS) if preempted else wait
 
 
 def wait_for_parts(

@@ -15,15 +15,16 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from finetune_trainer import termination
 from finetune_trainer.checkpoints import layout
 from finetune_trainer.checkpoints.describe import build_manifest
 from finetune_trainer.checkpoints.errors import CheckpointStoreError
 from finetune_trainer.checkpoints.manifest import FileEntry, hash_folder
 from finetune_trainer.checkpoints.parts import (
-    WAIT_SECONDS,
     PartRecord,
     belongs_to,
     needed_by,
+    parts_wait_seconds,
     upload_part,
     wait_for_parts,
 )
@@ -49,7 +50,7 @@ class RankedS3Sink(S3Sink):
         self.rank, self.world_size = rank, world_size
         self.attempt = uuid.uuid4().hex[:12]  # rank 0's is the one that counts (`agreement`)
         self.restored: Checkpoint | None = None
-        self.parts_timeout = WAIT_SECONDS  # how long rank 0 waits for the others' parts
+        self.parts_timeout: float | None = None  # rank 0's wait for the others' parts; None: derived
         if rank != 0:
             self.verify = False  # rank 0 verifies the whole checkpoint
 
@@ -106,7 +107,10 @@ class RankedS3Sink(S3Sink):
         manifest = build_manifest(staged, self.config, step, metrics, self._fingerprint(staged))
         self._store_part(staged, step, [e for e in manifest.files if belongs_to(0)(e.path)])
         key = self.store.key_for(step)
-        records = wait_for_parts(self.store.objects, key, self.attempt, self.world_size, self.parts_timeout)
+        timeout = self.parts_timeout
+        if timeout is None:
+            timeout = parts_wait_seconds(time.monotonic() - started, preempted=termination.requested())
+        records = wait_for_parts(self.store.objects, key, self.attempt, self.world_size, timeout)
         files = [entry for record in records for entry in record.files]
         manifest = manifest.model_copy(update={"files": files, "world_size": self.world_size})
         checkpoint = self.store.commit_stored(manifest)
