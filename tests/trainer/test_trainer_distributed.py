@@ -20,7 +20,7 @@ from transformers.integrations.deepspeed import (
 from finetune_trainer import evaluation
 from finetune_trainer.checkpoints.fingerprint import RestoreCheck
 from finetune_trainer.config import ConfigError
-from finetune_trainer.distributed import SINGLE, rendezvous_from_env
+from finetune_trainer.distributed import SINGLE, checkpoint_wait, rendezvous_from_env
 from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.testing.cli import Result, Running, base_config, start_trainer
 from finetune_trainer.testing.tiny import QUESTION, synthetic_dataset, write_jsonl
@@ -97,6 +97,21 @@ def test_bad_rendezvous_env_names_the_variable_and_value(change: dict[str, str],
         rendezvous_from_env(OPERATOR_ENV | change, 2)
     assert caught.value.messages[0].startswith(expected)
     assert "fix:" in caught.value.messages[0]
+
+
+@pytest.mark.parametrize(
+    ("part_bytes", "world_size", "minutes"),
+    [
+        (0, 2, 10.0),  # nothing measured: the collective timeout
+        (100_000_000, 2, 10.0),  # small checkpoints verify in seconds
+        (1_000_000_000, 16, 16.0),  # 16 GB in all: three passes at 50 MB/s
+        (10_000_000_000, 16, 160.0),  # a 70B model's ZeRO checkpoint: no fixed 30-minute limit
+    ],
+)
+def test_the_wait_for_rank_0s_checkpoint_scales_with_its_size(
+    part_bytes: int, world_size: int, minutes: float
+) -> None:
+    assert checkpoint_wait(part_bytes, world_size).total_seconds() == pytest.approx(minutes * 60)
 
 
 def _free_port() -> int:

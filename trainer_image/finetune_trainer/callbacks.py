@@ -304,6 +304,10 @@ def diagnose_model(
     return evaluation.diagnose(texts, outputs, expected)
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 class CheckpointCallback(TrainerCallback):
     """After each save: add sidecar files and hand the folder to the sink. In a multi-process job
     every rank hands over its folder: each stores its own part (see `checkpoints.parts`).
@@ -332,12 +336,13 @@ class CheckpointCallback(TrainerCallback):
         if self._refuse_non_finite(folder, args, state, control, kw.get("model")):
             return
         self.run.checkpoint_steps.append(state.global_step)
+        part_bytes = folder_bytes(folder)
         if folder.is_dir() and state.is_world_process_zero:
             self._hand_over(folder, state, kw.get("model"))
         elif folder.is_dir():
             self.sink.save(folder, state.global_step, {})
             prune_local_checkpoints(folder.parent, args.save_total_limit)
-        distributed.patient_barrier()  # rank 0 may be verifying the first checkpoint meanwhile
+        distributed.patient_barrier(part_bytes)  # rank 0 may be verifying the first checkpoint
 
     def _refuse_non_finite(
         self, folder: Path, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any

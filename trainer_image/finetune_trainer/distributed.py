@@ -217,14 +217,27 @@ def barrier(r: Rendezvous) -> None:
         dist.barrier()
 
 
-def patient_barrier() -> None:
-    """Wait for every rank as long as joining may take: after a checkpoint is saved, rank 0 may
-    upload and verify it (the first one) while the others wait, longer than COLLECTIVE_TIMEOUT."""
+# A slow object store still moves this much; rank 0 uploads, then downloads and loads to verify.
+MIN_STORE_BYTES_PER_SECOND = 50e6
+VERIFY_PASSES = 3
+
+
+def checkpoint_wait(part_bytes: int, world_size: int) -> timedelta:
+    """How long the other ranks wait while rank 0 stores and verifies a checkpoint: three passes
+    over the whole checkpoint (about this rank's part times the ranks) at a slow store's rate, and
+    never less than COLLECTIVE_TIMEOUT."""
+    seconds = VERIFY_PASSES * part_bytes * max(world_size, 1) / MIN_STORE_BYTES_PER_SECOND
+    return max(COLLECTIVE_TIMEOUT, timedelta(seconds=seconds))
+
+
+def patient_barrier(part_bytes: int = 0) -> None:
+    """Wait for every rank while rank 0 may upload and verify a checkpoint (the first one), which
+    takes longer than COLLECTIVE_TIMEOUT for large models. `part_bytes`: this rank's checkpoint."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    dist.set_timeout(JOIN_TIMEOUT)
+    dist.set_timeout(checkpoint_wait(part_bytes, dist.get_world_size()))
     try:
         dist.barrier()
     finally:
