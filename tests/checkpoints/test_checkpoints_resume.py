@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,48 @@ def test_sigterm_commits_a_checkpoint_and_the_rerun_continues_where_it_stopped(
     expected = losses(reference)
     for step, loss in losses(resumed).items():
         assert loss == pytest.approx(expected[step], rel=1e-3), f"step {step}"
+
+
+def test_lora_on_two_gpus_of_a_pod_commits_both_ranks_and_resumes_on_both(
+    tiny: tuple[Path, Path], s3_env: Any, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """DDP: SIGTERM to the pod reaches both ranks; each stores its part of the same step, rank 0
+    commits it, and the next pod's two ranks both resume from it and run each remaining step once."""
+    uid = "uid-ddp"
+    config = job_config(tiny, s3_env, bucket, tmp_path / "unused", uid)
+    config["method"] = {"type": "lora", "reason": "test"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pod = {"NPROC_PER_NODE": "2", "POD_IP": "127.0.0.1", "MASTER_PORT": str(port)}
+
+    def start_pod(name: str) -> Running:
+        run = {**config, "outputDir": str(tmp_path / name / "out")}
+        run["report"] = {"file": str(tmp_path / name / "out" / "progress.json")}
+        return start_trainer(run, tmp_path / name, env={**ONE_THREAD, "JOB_ID": uid, **pod})
+
+    first = start_pod("first")
+    wait_for_commits(s3, bucket, uid, 1, first)
+    first.process.send_signal(signal.SIGTERM)
+    stopped = first.finish(timeout=120)
+    assert stopped.code == ExitCode.PREEMPTED_CHECKPOINTED, stopped.log[-3000:]
+    stored = re.findall(r"rank (\d) stored its \d+ files of step (\d+)", stopped.log)
+    preempted_at = committed_steps(s3, bucket, uid)[-1]
+    assert {("0", str(preempted_at)), ("1", str(preempted_at))} <= set(stored), stored
+    manifest = json.loads(
+        s3.get_object(
+            Bucket=bucket, Key=f"jobs/ns/tiny-job/{uid}/checkpoints/step-{preempted_at}/MANIFEST.json"
+        )["Body"].read()
+    )
+    assert manifest["world_size"] == 2
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f["path"] for f in manifest["files"]}
+
+    resumed = start_pod("second").finish(timeout=300)
+    assert resumed.code == ExitCode.SUCCEEDED, resumed.log[-3000:]
+    assert restored_step(resumed, uid) == preempted_at
+    assert f"rank 1 resumes from checkpoint-{preempted_at}" in resumed.log
+    rank0 = [p["step"] for p in progress(resumed) if "loss" in p]
+    assert sorted(set(rank0)) == list(range(preempted_at + 1, MAX_STEPS + 1)), rank0
 
 
 def test_kill_9_resumes_from_the_newest_committed_checkpoint(

@@ -71,7 +71,6 @@ def run_config(config: TrainerConfig) -> ExitCode:
             ]
         )
     from finetune_trainer import distributed
-    from finetune_trainer.report_model import Ranks
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 
     try:
@@ -82,8 +81,6 @@ def run_config(config: TrainerConfig) -> ExitCode:
     distributed.select_gpu(rendezvous)
     metrics = TrainerMetrics(config.job.namespace, config.job.name)
     reporter = ProgressReporter(config, writes=rendezvous.is_main)  # one writer per job
-    r = rendezvous
-    reporter.update(ranks=Ranks(world_size=r.world_size, per_pod=r.per_pod, pods=r.nodes))
     flags = runtime.log_startup(config, rendezvous=rendezvous)
     metrics.set_runtime(flags | runtime.library_versions())
     serves = rendezvous.local_rank == 0  # one /metrics port per pod
@@ -103,9 +100,10 @@ def train_and_report(
     from finetune_trainer.methods.loading import MethodError
     from finetune_trainer.report_model import Phase
     from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
-    from finetune_trainer.train import run
 
     try:
+        from finetune_trainer.train import run  # seconds of imports: a SIGTERM meanwhile is reported
+
         return run(config, metrics, reporter, rendezvous)
     except termination.Terminated:
         return stopped_outside_training(reporter)

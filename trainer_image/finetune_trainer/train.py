@@ -40,7 +40,7 @@ from finetune_trainer.methods.loading import (
     resolve_model_path,
 )
 from finetune_trainer.redact import redact
-from finetune_trainer.report_model import MethodInfo, Phase, Predictions, Sample
+from finetune_trainer.report_model import MethodInfo, Phase, Predictions, Ranks, Sample
 from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
 from finetune_trainer.runtime import environment_info, set_seeds
 from finetune_trainer.sink import CheckpointRestoreError, CheckpointSink, LocalSink, build_sink
@@ -377,11 +377,15 @@ def reuse_samples(s: Session, folder: Path) -> None:
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-def prepare(config: TrainerConfig, reporter: ProgressReporter) -> tuple[CleanData | None, list[str]]:
+def prepare(
+    config: TrainerConfig, reporter: ProgressReporter, r: Rendezvous = distributed.SINGLE
+) -> tuple[CleanData | None, list[str]]:
     """Text data is cleaned and split before the model is fetched; speech data needs the model's
     feature extractor first (see speech_workload)."""
     reporter.update(
-        phase=Phase.PREPARING, method=MethodInfo(type=config.method.type, reason=config.method.reason)
+        phase=Phase.PREPARING,
+        method=MethodInfo(type=config.method.type, reason=config.method.reason),
+        ranks=Ranks(world_size=r.world_size, per_pod=r.per_pod, pods=r.nodes),
     )
     if config.dataset.format == "audio":
         return None, []
@@ -662,7 +666,7 @@ def run(
     paths = Paths(rank_dir(shared, rendezvous.local_rank))
     paths.out.mkdir(parents=True, exist_ok=True)
     try:
-        clean, warnings = prepare(config, reporter)  # data errors surface before any download
+        clean, warnings = prepare(config, reporter, rendezvous)  # data errors before any download
         set_seeds(config.hyperparameters.seed)
         model_path = resolve_model_path(config.model, config.checkpoints.store, shared)
         r = rendezvous
