@@ -146,6 +146,23 @@ def owner_reference(job: JobRef) -> dict[str, Any]:
     }
 
 
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the FineTuneJob that controls a child, from its ownerReferences; None if none does."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+def foreign_owner(obj: Mapping[str, Any] | None, uid: str) -> str | None:
+    """The other FineTuneJob's uid when a child of this name belongs to another (a deleted job's
+    child still being garbage-collected, a job recreated with the same name); else None."""
+    if obj is None:
+        return None
+    owner = controller_uid(obj)
+    return owner if owner is not None and owner != uid else None
+
+
 def _metadata(job: JobRef, name: str) -> dict[str, Any]:
     return {
         "name": name,

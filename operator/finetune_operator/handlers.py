@@ -105,6 +105,11 @@ def reconcile(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> No
 
 def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, Any]) -> None:
     namespace, name, generation = meta["namespace"], meta["name"], int(meta.get("generation", 1))
+    live = _kube().read_job_resource(namespace, name)
+    if live is None or live["metadata"]["uid"] != meta["uid"]:
+        # This body is of a deleted job: its children would be owned by a dead uid and collected.
+        log.info("%s/%s: uid %s is gone; leaving its children to the live job", namespace, name, meta["uid"])
+        return
     try:
         spec = api.parse_spec(raw_spec)
     except ValidationError as exc:
@@ -117,6 +122,7 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
         _refuse_preflight(body, namespace, name, generation, preflight)
         return
     existing = _kube().read_job(namespace, builders.child_names(name).job)
+    _wait_for_foreign_children(meta, spec, preflight, existing)
     if existing is None:
         _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
     _apply_children(meta, spec, preflight, existing)
@@ -131,6 +137,8 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
         )
         if "phase" not in patch and not old.get("phase"):
             patch["phase"] = Phase.PENDING.value
+        if EARLIER_JOB in str(old.get("message") or ""):
+            patch["message"] = ""  # its own children exist now
         return patch
 
     _update_status(namespace, name, build)
@@ -175,6 +183,65 @@ def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> policy.Preflight:
     return policy.preflight(
         spec, _settings(), namespace=namespace, secret_keys=secret_keys, cloud_detected=cloud, model_size=size
     )
+
+
+EARLIER_JOB = "of an earlier FineTuneJob"
+
+
+def _wait_for_foreign_children(
+    meta: Mapping[str, Any],
+    spec: api.FineTuneJobSpec,
+    preflight: policy.Preflight,
+    existing_job: Mapping[str, Any] | None,
+) -> None:
+    """A child of this name that belongs to another FineTuneJob (one deleted a moment ago, whose
+    children the garbage collector has not removed yet) is never adopted: wait until it is gone."""
+    job = builders.JobRef.from_metadata(meta)
+    if existing_job is not None and builders.foreign_owner(existing_job, job.uid) is None:
+        return  # launched already: the other children were made with the Job
+    decision, cloud = preflight.decision, preflight.is_cloud
+    for child in builders.build_children(job, spec, decision, _settings(), is_cloud=cloud):
+        found = existing_job if child["kind"] == "Job" else _kube().read(child)
+        other = builders.foreign_owner(found, job.uid)
+        if other is not None:
+            _wait_for_collection(meta, child, other)
+
+
+def _wait_for_collection(meta: Mapping[str, Any], child: Mapping[str, Any], other: str) -> None:
+    live = next(
+        (j for j in _kube().list_job_resources((meta["namespace"],)) if j["metadata"]["uid"] == other), None
+    )
+    if live is not None and live["metadata"]["name"] != meta["name"]:
+        _refuse_name_collision(meta, child, live["metadata"]["name"])
+    message = (
+        f"waiting for {child['kind']} {child['metadata']['name']} {EARLIER_JOB} "
+        f"{meta['name']} (uid {other}) to be deleted by the garbage collector; this job's own is "
+        "created then"
+    )
+    generation = int(meta.get("generation", 1))
+    _update_status(
+        meta["namespace"],
+        meta["name"],
+        lambda fresh: st.status_patch(generation=generation, phase=Phase.PENDING, message=message),
+    )
+    raise kopf.TemporaryError(message, delay=3)
+
+
+def _refuse_name_collision(meta: Mapping[str, Any], child: Mapping[str, Any], other: str) -> None:
+    """Child names are the job's name made a DNS label: `a.b` and `a-b` would share them."""
+    message = (
+        f"metadata.name {meta['name']!r}: its {child['kind']} would be named "
+        f"{child['metadata']['name']!r}, which FineTuneJob {other!r} already uses (fix: rename this "
+        "job; names that differ only in '.' and '-' share their children's names)"
+    )
+    generation = int(meta.get("generation", 1))
+    _update_status(
+        meta["namespace"],
+        meta["name"],
+        lambda fresh: st.status_patch(generation=generation, phase=Phase.FAILED, message=message),
+    )
+    _event({"metadata": meta}, "Warning", reason="NameCollision", message=message)
+    raise kopf.PermanentError(message)
 
 
 def _apply_children(
@@ -328,12 +395,14 @@ def _sync_status(namespace: str, name: str) -> None:
     job = _kube().read_job(namespace, names.job)
     if job is None:
         return  # not launched yet (or refused): `reconcile` owns the status until then
-    progress = _kube().config_map_data(namespace, names.progress) or {}
-    report = st.parse_report(progress.get("progress.json"))
+    progress = _kube().config_map(namespace, names.progress)
 
     def build(body: dict[str, Any]) -> dict[str, Any] | None:
-        if "spec" not in body:
-            return None
+        uid = body["metadata"]["uid"]
+        if "spec" not in body or builders.foreign_owner(job, uid) is not None:
+            return None  # a deleted job's Job: its phase is not this job's
+        own_progress = progress if builders.foreign_owner(progress, uid) is None else None
+        report = st.parse_report(((own_progress or {}).get("data") or {}).get("progress.json"))
         pods = _kube().pods_of(namespace, body["metadata"]["uid"], builders.JOB_UID_LABEL)
         old = body.get("status") or {}
         patch = _status_from_children(body, job, report, pods)

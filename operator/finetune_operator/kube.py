@@ -50,6 +50,15 @@ class Kube:
         )
         return dict(result.to_dict())
 
+    def read(self, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The object a manifest names, as the API server has it; None when there is none."""
+        meta = manifest["metadata"]
+        try:
+            found = self._resource(manifest).get(name=meta["name"], namespace=meta["namespace"])
+        except dynamic.exceptions.NotFoundError:
+            return None
+        return dict(found.to_dict())
+
     def create_if_absent(self, manifest: Mapping[str, Any]) -> None:
         """For objects another party writes after creation (the trainer's progress ConfigMap)."""
         try:
@@ -83,13 +92,14 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
+    def config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+            found = self.core.read_namespaced_config_map(name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        return dict(self.api_client.sanitize_for_serialization(found))
 
     def secret_keys(self, namespace: str, names: set[str]) -> tuple[dict[str, set[str]], dict[str, str]]:
         """Which keys each named Secret has, and its resourceVersion. Values are never kept."""

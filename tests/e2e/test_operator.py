@@ -174,6 +174,95 @@ def test_children_are_owned_labelled_and_collected(
     )
 
 
+HOLD = "finetune.dev/test-hold"  # keeps a deleted job's Job around, as a slow garbage collector would
+
+
+def test_a_recreated_job_never_adopts_the_deleted_jobs_children(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    make_secrets(core, namespace)
+    api = custom(kube)
+    batch = client.BatchV1Api(kube)
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("again"))
+    old_uid = get_ftj(kube, namespace, "again")["metadata"]["uid"]
+    wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, "the first job's Job")
+    batch.patch_namespaced_job("again", namespace, {"metadata": {"finalizers": [HOLD]}})
+    api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "again")
+    wait_for(
+        lambda: not api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"],
+        60,
+        "the first FineTuneJob to be gone",
+    )
+    held = wait_for(
+        lambda: (j := batch.read_namespaced_job("again", namespace)).metadata.deletion_timestamp and j,
+        60,
+        "the garbage collector to start deleting the old Job",
+    )
+    assert held.metadata.owner_references[0].uid == old_uid  # the premise: a dead job's Job is there
+
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("again"))
+    new_uid = get_ftj(kube, namespace, "again")["metadata"]["uid"]
+    assert new_uid != old_uid
+    waiting = wait_for(
+        lambda: (
+            "waiting for Job again"
+            in ((s := get_ftj(kube, namespace, "again").get("status") or {}).get("message") or "")
+            and s
+        ),
+        60,
+        "the new job to wait for the old Job",
+    )
+    assert waiting["phase"] == "Pending" and old_uid in waiting["message"], waiting
+
+    batch.patch_namespaced_job("again", namespace, {"metadata": {"finalizers": None}})
+    job = wait_for(
+        lambda: next(
+            (
+                j
+                for j in batch.list_namespaced_job(namespace).items
+                if j.metadata.owner_references[0].uid == new_uid
+            ),
+            None,
+        ),
+        60,
+        "the new job's own Job",
+    )
+    assert job.spec.suspend is True
+    status = wait_for(
+        lambda: (
+            (s := get_ftj(kube, namespace, "again").get("status") or {}).get("phase") == "Suspended" and s
+        ),
+        60,
+        "phase Suspended",
+    )
+    assert "waiting for" not in (status.get("message") or "")
+
+
+def test_names_that_share_child_names_are_refused_naming_the_other_job(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    make_secrets(core, namespace)
+    api = custom(kube)
+    batch = client.BatchV1Api(kube)
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("team.bot"))
+    first = wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, "the first job's Job")[0]
+    assert first.metadata.name == "team-bot"  # the premise: both names make the same child names
+
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("team-bot"))
+    status = wait_for(
+        lambda: (
+            (s := get_ftj(kube, namespace, "team-bot").get("status") or {}).get("phase") == "Failed" and s
+        ),
+        60,
+        "the second job to be refused",
+    )
+    assert "metadata.name 'team-bot'" in status["message"] and "'team.bot' already uses" in status["message"]
+    assert "fix: rename this job" in status["message"]
+    jobs = batch.list_namespaced_job(namespace).items
+    assert [j.metadata.owner_references[0].uid for j in jobs] == [first.metadata.owner_references[0].uid]
+    assert get_ftj(kube, namespace, "team.bot")["status"]["phase"] == "Suspended"
+
+
 def test_refused_full_fine_tune_on_tiny_declared_data(
     kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
 ) -> None:

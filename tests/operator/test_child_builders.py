@@ -534,3 +534,28 @@ def test_single_node_has_no_service(
     children = children_for(spec_dict(), settings, job_ref)
     assert not any(key.startswith("Service/") for key in children)
     assert "subdomain" not in pod_spec(children)
+
+
+def _owned(uid: str, controller: bool = True, kind: str = "FineTuneJob") -> dict[str, Any]:
+    ref = {"apiVersion": "finetune.dev/v1alpha1", "kind": kind, "name": "bot", "uid": uid}
+    return {"metadata": {"ownerReferences": [ref | {"controller": controller}]}}
+
+
+@pytest.mark.parametrize(
+    ("child", "foreign"),
+    [
+        (None, None),  # nothing there yet
+        ({"metadata": {}}, None),  # no owner: not another job's
+        (_owned("uid-live"), None),
+        (_owned("uid-dead"), "uid-dead"),  # a deleted job's child, or a recreate's predecessor
+        (_owned("uid-dead", controller=False), None),  # not controlled by a FineTuneJob
+        (_owned("uid-dead", kind="Deployment"), None),
+    ],
+)
+def test_a_child_of_another_job_is_recognised(child: dict[str, Any] | None, foreign: str | None) -> None:
+    assert builders.foreign_owner(child, "uid-live") == foreign
+
+
+def test_children_name_their_controller() -> None:
+    ref = builders.JobRef(name="bot", namespace="team-a", uid="uid-live")
+    assert builders.controller_uid({"metadata": builders._metadata(ref, "bot")}) == "uid-live"
