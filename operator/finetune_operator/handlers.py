@@ -218,12 +218,7 @@ def _wait_for_collection(meta: Mapping[str, Any], child: Mapping[str, Any], othe
         f"{meta['name']} (uid {other}) to be deleted by the garbage collector; this job's own is "
         "created then"
     )
-    generation = int(meta.get("generation", 1))
-    _update_status(
-        meta["namespace"],
-        meta["name"],
-        lambda fresh: st.status_patch(generation=generation, phase=Phase.PENDING, message=message),
-    )
+    _set_phase(meta, Phase.PENDING, message)
     raise kopf.TemporaryError(message, delay=3)
 
 
@@ -234,14 +229,18 @@ def _refuse_name_collision(meta: Mapping[str, Any], child: Mapping[str, Any], ot
         f"{child['metadata']['name']!r}, which FineTuneJob {other!r} already uses (fix: rename this "
         "job; names that differ only in '.' and '-' share their children's names)"
     )
+    _set_phase(meta, Phase.FAILED, message)
+    _event({"metadata": meta}, "Warning", reason="NameCollision", message=message)
+    raise kopf.PermanentError(message)
+
+
+def _set_phase(meta: Mapping[str, Any], phase: Phase, message: str) -> None:
     generation = int(meta.get("generation", 1))
     _update_status(
         meta["namespace"],
         meta["name"],
-        lambda fresh: st.status_patch(generation=generation, phase=Phase.FAILED, message=message),
+        lambda fresh: st.status_patch(generation=generation, phase=phase, message=message),
     )
-    _event({"metadata": meta}, "Warning", reason="NameCollision", message=message)
-    raise kopf.PermanentError(message)
 
 
 def _apply_children(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from finetune_trainer.exitcodes import ExitCode
 from finetune_trainer.testing.cli import Result, Running, base_config, start_trainer
 from finetune_trainer.testing.tiny import build_tiny_model, synthetic_dataset, write_jsonl
+from localcluster.processes import free_port
 
 MAX_STEPS, EVERY = 60, 10
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -166,10 +166,7 @@ def test_lora_on_two_gpus_of_a_pod_commits_both_ranks_and_resumes_on_both(
     uid = "uid-ddp"
     config = job_config(tiny, s3_env, bucket, tmp_path / "unused", uid)
     config["method"] = {"type": "lora", "reason": "test"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    pod = {"NPROC_PER_NODE": "2", "POD_IP": "127.0.0.1", "MASTER_PORT": str(port)}
+    pod = {"NPROC_PER_NODE": "2", "POD_IP": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
     def start_pod(name: str) -> Running:
         run = {**config, "outputDir": str(tmp_path / name / "out")}

@@ -131,13 +131,19 @@ def test_missing_secret_blocks_launch_until_created(
     assert CANARY not in json.dumps(ready)
 
 
+def launch_suspended(kube: client.ApiClient, namespace: str, name: str) -> Any:
+    """Creates `ftj(name)` (suspended: no pods) and returns its training Job once it exists."""
+    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj(name))
+    batch = client.BatchV1Api(kube)
+    return wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, f"the Job of {name}")[0]
+
+
 def test_children_are_owned_labelled_and_collected(
     kube: client.ApiClient, core: client.CoreV1Api, operator: Any, cluster: ClusterInfo, namespace: str
 ) -> None:
     make_secrets(core, namespace)
-    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("support-bot"))
     batch = client.BatchV1Api(kube)
-    job = wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, "the training Job")[0]
+    job = launch_suspended(kube, namespace, "support-bot")
     assert job.spec.suspend is True
     assert job.metadata.owner_references[0].kind == "FineTuneJob"
     pod_spec = job.spec.template.spec
@@ -181,11 +187,9 @@ def test_a_recreated_job_never_adopts_the_deleted_jobs_children(
     kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
 ) -> None:
     make_secrets(core, namespace)
-    api = custom(kube)
-    batch = client.BatchV1Api(kube)
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("again"))
+    api, batch = custom(kube), client.BatchV1Api(kube)
+    launch_suspended(kube, namespace, "again")
     old_uid = get_ftj(kube, namespace, "again")["metadata"]["uid"]
-    wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, "the first job's Job")
     batch.patch_namespaced_job("again", namespace, {"metadata": {"finalizers": [HOLD]}})
     api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "again")
     wait_for(
@@ -242,10 +246,8 @@ def test_names_that_share_child_names_are_refused_naming_the_other_job(
     kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
 ) -> None:
     make_secrets(core, namespace)
-    api = custom(kube)
-    batch = client.BatchV1Api(kube)
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("team.bot"))
-    first = wait_for(lambda: batch.list_namespaced_job(namespace).items, 60, "the first job's Job")[0]
+    api, batch = custom(kube), client.BatchV1Api(kube)
+    first = launch_suspended(kube, namespace, "team.bot")
     assert first.metadata.name == "team-bot"  # the premise: both names make the same child names
 
     api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("team-bot"))
