@@ -15,13 +15,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import admission, api, builders, metrics, model_info, policy
+from finetune_operator import admission, api, builders, launched, metrics, model_info, policy
 from finetune_operator import status as st
 from finetune_operator.api import Phase
 from finetune_operator.kube import Kube, connect
@@ -41,13 +42,26 @@ def _kube() -> Kube:
     return _state["kube"]  # type: ignore[no-any-return]
 
 
+EVENT_REPEAT_S = 600.0  # the same event about the same job is posted at most once in this window
+_events_posted: dict[tuple[str, str, str], float] = {}
+
+
 def _event(body: Mapping[str, Any], kind: str, *, reason: str, message: str) -> None:
     """A Kubernetes event on the FineTuneJob. Posted directly (not through kopf's queue) so the
-    periodic refresh thread can post too; a failed post is logged, never fatal."""
+    periodic refresh thread can post too; a failed post is logged, never fatal. A repeat of the
+    last few minutes (a handler retried, a refused spec handled again) is not posted again."""
+    key, now = (str(body["metadata"].get("uid")), reason, message), time.monotonic()
+    with _events_guard:
+        if now - _events_posted.get(key, -EVENT_REPEAT_S) < EVENT_REPEAT_S:
+            return
+        _events_posted[key] = now
     try:
         _kube().event(body, kind, reason, message)
     except Exception:
         log.warning("could not post event %s for %s", reason, body["metadata"].get("name"), exc_info=True)
+
+
+_events_guard = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +124,10 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
         # This body is of a deleted job: its children would be owned by a dead uid and collected.
         log.info("%s/%s: uid %s is gone; leaving its children to the live job", namespace, name, meta["uid"])
         return
+    existing = _kube().read_job(namespace, builders.child_names(name).job)
+    if existing is not None and builders.foreign_owner(existing, meta["uid"]) is None:
+        _reconcile_launched(live, raw_spec, existing)
+        return
     try:
         spec = api.parse_spec(raw_spec)
     except ValidationError as exc:
@@ -121,11 +139,9 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
     if preflight.refused:
         _refuse_preflight(body, namespace, name, generation, preflight)
         return
-    existing = _kube().read_job(namespace, builders.child_names(name).job)
     _wait_for_foreign_children(meta, spec, preflight, existing)
-    if existing is None:
-        _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
-    _apply_children(meta, spec, preflight, existing)
+    _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
+    _apply_children(meta, raw_spec, spec, preflight)
 
     def build(fresh: dict[str, Any]) -> dict[str, Any]:
         old = fresh.get("status") or {}
@@ -144,6 +160,38 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
     _update_status(namespace, name, build)
 
 
+def _reconcile_launched(body: dict[str, Any], raw_spec: Mapping[str, Any], job: Mapping[str, Any]) -> None:
+    """After launch the method, the memory plan and the trainer's config stay as they were decided
+    (no second preflight: a new node label or operator setting never flips a running job, and a
+    finished job stays finished whatever happened to its Secrets since). Only spec.suspend is
+    applied; any other change is reported (`launched`)."""
+    meta = body["metadata"]
+    namespace, name, generation = meta["namespace"], meta["name"], int(meta.get("generation", 1))
+    recorded = launched.recorded(job)
+    changed = launched.changed_fields(recorded, raw_spec) if recorded is not None else []
+    if changed:
+        _event(body, "Warning", reason="SpecChangeIgnored", message=launched.change_message(changed))
+    finished = st.phase_from_job(job.get("status")) in (Phase.SUCCEEDED, Phase.FAILED)
+    suspend = bool(raw_spec.get("suspend"))
+    if not finished and bool(job["spec"].get("suspend")) != suspend:
+        _kube().patch_job_suspend(namespace, job["metadata"]["name"], suspend)
+
+    def build(fresh: dict[str, Any]) -> dict[str, Any]:
+        applied = st.condition(
+            "SpecApplied",
+            not changed,
+            "ChangedAfterLaunch" if changed else "Applied",
+            launched.change_message(changed) if changed else "the spec is the one the job launched with",
+            generation=generation,
+            now=st.utcnow(),
+        )
+        conditions = st.set_condition(list((fresh.get("status") or {}).get("conditions") or []), applied)
+        phase = Phase.SUSPENDED if suspend and not finished else None
+        return st.status_patch(generation=generation, conditions=conditions, phase=phase)
+
+    _update_status(namespace, name, build)
+
+
 def _preflight_conditions(
     old: Mapping[str, Any], preflight: policy.Preflight, generation: int
 ) -> list[dict[str, Any]]:
@@ -153,8 +201,18 @@ def _preflight_conditions(
     return st.merge_findings(conditions, preflight.findings, generation=generation, now=now)
 
 
+@dataclass
+class Plan:
+    """A status patch and what to do once it is written (events, suspending or resuming the Job,
+    metrics). A write that meets a conflict is planned again from a fresh read, so an action runs
+    only for the plan whose status was written: never twice, never on a stale decision."""
+
+    patch: dict[str, Any]
+    actions: list[Callable[[], None]] = field(default_factory=list)
+
+
 def _update_status(
-    namespace: str, name: str, build: Callable[[dict[str, Any]], dict[str, Any] | None]
+    namespace: str, name: str, build: Callable[[dict[str, Any]], dict[str, Any] | Plan | None]
 ) -> None:
     """Builds a status patch from a fresh read and writes it only if nothing changed in between:
     the operator's handlers run concurrently, and a merge patch replaces whole lists (conditions)."""
@@ -162,10 +220,14 @@ def _update_status(
         body = _kube().read_job_resource(namespace, name)
         if body is None:
             return
-        patch = build(body)
-        if not patch:
-            return
-        if _kube().patch_status(namespace, name, patch, body["metadata"]["resourceVersion"]):
+        built = build(body)
+        plan = built if isinstance(built, Plan) else Plan(built or {})
+        written = not plan.patch or _kube().patch_status(
+            namespace, name, plan.patch, body["metadata"]["resourceVersion"]
+        )
+        if written:
+            for action in plan.actions:
+                action()
             return
     raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=2)
 
@@ -197,8 +259,6 @@ def _wait_for_foreign_children(
     """A child of this name that belongs to another FineTuneJob (one deleted a moment ago, whose
     children the garbage collector has not removed yet) is never adopted: wait until it is gone."""
     job = builders.JobRef.from_metadata(meta)
-    if existing_job is not None and builders.foreign_owner(existing_job, job.uid) is None:
-        return  # launched already: the other children were made with the Job
     decision, cloud = preflight.decision, preflight.is_cloud
     for child in builders.build_children(job, spec, decision, _settings(), is_cloud=cloud):
         found = existing_job if child["kind"] == "Job" else _kube().read(child)
@@ -245,10 +305,12 @@ def _set_phase(meta: Mapping[str, Any], phase: Phase, message: str) -> None:
 
 def _apply_children(
     meta: Mapping[str, Any],
+    raw_spec: Mapping[str, Any],
     spec: api.FineTuneJobSpec,
     preflight: policy.Preflight,
-    existing_job: Mapping[str, Any] | None,
 ) -> None:
+    """Before launch: every child is applied (an earlier, refused attempt may have left some), the
+    Job last, carrying the fingerprints of the spec it launches with."""
     job = builders.JobRef.from_metadata(meta)
     names = {ref.name for ref in policy.required_secrets(spec)}
     versions = _kube().secret_keys(job.namespace, names)[1] if _settings().check_secrets else {}
@@ -257,20 +319,12 @@ def _apply_children(
     )
     for child in children:
         if child["kind"] == "Job":
-            _apply_job(child, existing_job, spec.suspend)
+            child["metadata"].setdefault("annotations", {}).update(launched.annotation(raw_spec))
+            _kube().create_if_absent(child)  # a Job made meanwhile by another pass is the launched one
         elif child["metadata"]["name"] == builders.child_names(job.name).progress:
             _kube().create_if_absent(child)
         else:
             _kube().apply(child)
-
-
-def _apply_job(manifest: dict[str, Any], existing: Mapping[str, Any] | None, suspend: bool) -> None:
-    """A Job's pod template is immutable: create it once, afterwards only (un)suspend it."""
-    meta = manifest["metadata"]
-    if existing is None:
-        _kube().apply(manifest)
-    elif bool(existing["spec"].get("suspend")) != suspend:
-        _kube().patch_job_suspend(meta["namespace"], meta["name"], suspend)
 
 
 def _refuse_spec(
@@ -391,70 +445,90 @@ def sync_status(namespace: str, name: str) -> None:
 
 def _sync_status(namespace: str, name: str) -> None:
     names = builders.child_names(name)
-    job = _kube().read_job(namespace, names.job)
-    if job is None:
-        return  # not launched yet (or refused): `reconcile` owns the status until then
-    progress = _kube().config_map(namespace, names.progress)
 
-    def build(body: dict[str, Any]) -> dict[str, Any] | None:
+    def build(body: dict[str, Any]) -> Plan | None:
+        # Read after the job itself, on every try: a plan never acts on an older Job than its status.
+        job = _kube().read_job(namespace, names.job)
         uid = body["metadata"]["uid"]
-        if "spec" not in body or builders.foreign_owner(job, uid) is not None:
-            return None  # a deleted job's Job: its phase is not this job's
+        if job is None or "spec" not in body or builders.foreign_owner(job, uid) is not None:
+            return None  # not launched yet (`reconcile` owns the status), or a deleted job's Job
+        progress = _kube().config_map(namespace, names.progress)
         own_progress = progress if builders.foreign_owner(progress, uid) is None else None
         report = st.parse_report(((own_progress or {}).get("data") or {}).get("progress.json"))
-        pods = _kube().pods_of(namespace, body["metadata"]["uid"], builders.JOB_UID_LABEL)
+        pods = _kube().pods_of(namespace, uid, builders.JOB_UID_LABEL)
         old = body.get("status") or {}
         patch = _status_from_children(body, job, report, pods)
-        _rotate_secrets(body, job, patch)
-        _record_metrics(body, patch)
+        actions = [*_secret_actions(body, job, patch), lambda: _record_metrics(body, patch)]
         if not _changed(old, patch):
-            return None
-        _announce(body, old, patch, report, pods)
-        return patch
+            return Plan({}, actions)
+        return Plan(patch, [*actions, lambda: _announce(body, old, patch, pods)])
 
     _update_status(namespace, name, build)
 
 
-def _rotate_secrets(body: Mapping[str, Any], job: Mapping[str, Any], patch: dict[str, Any]) -> None:
-    """A rotated Secret restarts training gracefully: the Job is suspended (the trainer commits a
-    checkpoint on SIGTERM), then resumed, and the new pods read the new values."""
-    if not _settings().check_secrets:
-        return
-    meta, old = body["metadata"], body.get("status") or {}
+def _secret_actions(
+    body: Mapping[str, Any], job: Mapping[str, Any], patch: dict[str, Any]
+) -> list[Callable[[], None]]:
+    """Secrets of a running job: a rotated one restarts training gracefully (the Job is suspended,
+    the trainer commits a checkpoint on SIGTERM, then it is resumed and the new pods read the new
+    values); a deleted one is reported, and the running pods keep going. Fills `patch`, returns the
+    Job changes to make once it is written."""
+    meta = body["metadata"]
+    if not _settings().check_secrets or patch.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value):
+        return []  # a finished job no longer needs its Secrets
     try:
         spec = api.parse_spec(body["spec"])
     except ValidationError:
-        return
+        return []
     names = {ref.name for ref in policy.required_secrets(spec)}
     if not names:
-        return
-    current = builders.secret_versions_hash(_kube().secret_keys(meta["namespace"], names)[1])
+        return []
+    versions = _kube().secret_keys(meta["namespace"], names)[1]
     annotations = ((job["spec"].get("template") or {}).get("metadata") or {}).get("annotations") or {}
-    recorded = old.get("secretsHash") or annotations.get(builders.SECRETS_HASH_ANNOTATION)
-    rotating = next((c for c in old.get("conditions") or [] if c["type"] == "SecretsRotated"), None)
-    restarting = rotating is not None and rotating.get("reason") == "Restarting"
-    generation, now = int(meta.get("generation", 1)), st.utcnow()
-    if restarting and job["spec"].get("suspend") and not spec.suspend:
-        if not (job.get("status") or {}).get("active"):
-            _kube().patch_job_suspend(meta["namespace"], job["metadata"]["name"], False)
-            message = "new pods resume from the last checkpoint with the rotated Secrets"
-            new = st.condition("SecretsRotated", True, "Restarted", message, generation=generation, now=now)
-            patch["conditions"] = st.set_condition(patch["conditions"], new)
-        patch["phase"] = Phase.TRAINING.value
-        return
-    if recorded is None or current == recorded:
-        patch["secretsHash"] = current
-        return
-    if patch.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value) or spec.suspend:
-        patch["secretsHash"] = current  # nothing runs that could use the old values
-        return
-    _kube().patch_job_suspend(meta["namespace"], job["metadata"]["name"], True)
-    message = f"Secret(s) {', '.join(sorted(names))} changed: checkpointing, then restarting the trainer"
-    new = st.condition("SecretsRotated", True, "Restarting", message, generation=generation, now=now)
-    patch["conditions"] = st.set_condition(patch["conditions"], new)
-    patch["secretsHash"] = current
-    patch["phase"] = Phase.TRAINING.value
-    _event(body, "Normal", reason="SecretRotated", message=message)
+    old = body.get("status") or {}
+    facts = st.SecretFacts(
+        names=sorted(names),
+        missing=sorted(names - set(versions)),
+        current=builders.secret_versions_hash(versions),
+        recorded=old.get("secretsHash") or annotations.get(builders.SECRETS_HASH_ANNOTATION),
+        restarting=_condition_reason(old, "SecretsRotated") == "Restarting",
+        job_suspended=bool(job["spec"].get("suspend")),
+        job_active=bool((job.get("status") or {}).get("active")),
+        user_suspended=spec.suspend,
+        secrets_ready_false=_condition_status(old, "SecretsReady") == "False",
+    )
+    step = st.secret_step(facts)
+    _apply_secret_step(step, body, patch)
+    actions: list[Callable[[], None]] = []
+    suspend, job_name = step.suspend_job, job["metadata"]["name"]
+    if suspend is not None:
+        actions.append(lambda: _kube().patch_job_suspend(meta["namespace"], job_name, suspend))
+    if step.event:
+        actions.append(lambda: _event(body, "Normal", reason="SecretRotated", message=step.event))
+    if step.warning:
+        actions.append(lambda: _event(body, "Warning", reason="SecretMissing", message=step.warning))
+    return actions
+
+
+def _apply_secret_step(step: st.SecretStep, body: Mapping[str, Any], patch: dict[str, Any]) -> None:
+    generation, now = int(body["metadata"].get("generation", 1)), st.utcnow()
+    for type_, status, reason, message in step.conditions:
+        new = st.condition(type_, status, reason, message, generation=generation, now=now)
+        patch["conditions"] = st.set_condition(patch["conditions"], new)
+    if step.secrets_hash is not None:
+        patch["secretsHash"] = step.secrets_hash
+    if step.phase is not None:
+        patch["phase"] = step.phase.value
+
+
+def _condition_reason(status: Mapping[str, Any], type_: str) -> str | None:
+    found = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+    return str(found.get("reason")) if found else None
+
+
+def _condition_status(status: Mapping[str, Any], type_: str) -> str | None:
+    found = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+    return str(found.get("status")) if found else None
 
 
 def _status_from_children(
@@ -466,12 +540,13 @@ def _status_from_children(
     generation = int(body["metadata"].get("generation", 1))
     old = body.get("status") or {}
     patch: dict[str, Any] = st.status_from_report(report, old) if report is not None else {}
-    phase = st.phase_from_job(job.get("status"), report.phase.value if report is not None else None)
+    reported = report.phase.value if report is not None else None
+    phase = st.phase_from_job(job.get("status"), reported, old.get("phase"))
     patch["phase"] = phase.value
-    patch["restarts"] = _restarts(
-        pods, int(((body.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
-    )
-    patch["observedGeneration"] = generation
+    nodes = int(((body.get("spec") or {}).get("resources") or {}).get("nodes") or 1)
+    restarts = int(old.get("restarts") or 0)
+    patch["restarts"] = st.restarts_from_job(job.get("status") or {}, phase, nodes, restarts)
+    # observedGeneration is the reconcile's to write: it says which spec the operator has handled.
     started = _first_start(pods)
     if started and not old.get("startTime"):
         patch["startTime"] = started
@@ -529,12 +604,6 @@ def _predictions_condition(
     return st.set_condition(conditions, new)
 
 
-def _restarts(pods: list[dict[str, Any]], nodes: int) -> int:
-    """Replacement pods: every pod beyond one per node took over from one that ended early
-    (crashed, killed, preempted). A final failure alone is not a restart."""
-    return max(0, len(pods) - nodes)
-
-
 def _first_start(pods: list[dict[str, Any]]) -> str | None:
     times = sorted(str(p["status"]["startTime"]) for p in pods if (p.get("status") or {}).get("startTime"))
     return times[0] if times else None
@@ -579,11 +648,7 @@ def _outcome(
 
 
 def _announce(
-    body: Mapping[str, Any],
-    old: Mapping[str, Any],
-    patch: Mapping[str, Any],
-    report: Any,
-    pods: list[dict[str, Any]],
+    body: Mapping[str, Any], old: Mapping[str, Any], patch: Mapping[str, Any], pods: list[dict[str, Any]]
 ) -> None:
     """Kubernetes events for what a user wants to hear about: phases, restarts, checkpoints."""
     ref = dict(body)

@@ -13,6 +13,17 @@ from kubernetes.client.rest import ApiException
 from finetune_operator import api
 
 FIELD_MANAGER = "finetune-operator"
+REQUEST_TIMEOUT_S = 30.0
+
+
+class TimeoutApiClient(client.ApiClient):  # type: ignore[misc]
+    """Every call gets a deadline: without one, a request to an API server that stopped answering
+    waits forever, and the handler (or the refresh loop) with it."""
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = REQUEST_TIMEOUT_S
+        return super().call_api(*args, **kwargs)
 
 
 def connect() -> Any:
@@ -21,7 +32,7 @@ def connect() -> Any:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    return TimeoutApiClient()
 
 
 @dataclass
@@ -59,13 +70,15 @@ class Kube:
             return None
         return dict(found.to_dict())
 
-    def create_if_absent(self, manifest: Mapping[str, Any]) -> None:
-        """For objects another party writes after creation (the trainer's progress ConfigMap)."""
+    def create_if_absent(self, manifest: Mapping[str, Any]) -> bool:
+        """Creates the object unless one of its name exists; True when it was created. For objects
+        another party writes after creation (the trainer's progress ConfigMap), and for children
+        of a launched job, which are restored when missing but never rewritten."""
         try:
-            self.core.create_namespaced_config_map(manifest["metadata"]["namespace"], dict(manifest))
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
+            self._resource(manifest).create(body=dict(manifest), namespace=manifest["metadata"]["namespace"])
+        except dynamic.exceptions.ConflictError:
+            return False
+        return True
 
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         client.BatchV1Api(self.api_client).patch_namespaced_job(

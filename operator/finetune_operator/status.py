@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -171,9 +172,12 @@ def _job_condition(job_status: Mapping[str, Any], type_: str) -> Mapping[str, An
     return None
 
 
-def phase_from_job(job_status: Mapping[str, Any] | None, report_phase: str | None = None) -> Phase:
+def phase_from_job(
+    job_status: Mapping[str, Any] | None, report_phase: str | None = None, previous: str | None = None
+) -> Phase:
     """The job's phase from its batch/v1 Job status, refined by the phase the trainer reports
-    (`TrainerReport.phase`) while it runs. No Job yet: Pending."""
+    (`TrainerReport.phase`) while it runs; `previous` is the phase in the status now. No Job yet:
+    Pending."""
     if job_status is None:
         return Phase.PENDING
     if _job_condition(job_status, "Complete") or _job_condition(job_status, "SuccessCriteriaMet"):
@@ -185,10 +189,87 @@ def phase_from_job(job_status: Mapping[str, Any] | None, report_phase: str | Non
     if int(job_status.get("active") or 0) > 0:
         if report_phase is None:
             return Phase.PREPARING
-        reported = Phase(str(report_phase))
-        # The trainer has finished but its pod is still saving the final artifact.
-        return reported if reported in RUNNING_PHASES else Phase.EVALUATING
+        return _active_phase(Phase(str(report_phase)), previous)
     return Phase.PENDING
+
+
+def _active_phase(reported: Phase, previous: str | None) -> Phase:
+    if reported in RUNNING_PHASES:
+        return reported
+    if reported == Phase.SUCCEEDED:
+        return Phase.EVALUATING  # the trainer has finished; its pod still saves the final artifact
+    # A failing attempt: the Job decides whether it is retried; until then nothing new happens.
+    return Phase(previous) if previous in RUNNING_PHASES else Phase.PREPARING
+
+
+def restarts_from_job(job_status: Mapping[str, Any], phase: Phase, nodes: int, old: int) -> int:
+    """Pods that failed and were replaced, from the Job's own counters (pods are garbage-collected,
+    counters are not). Preemptions and suspensions are not failures there (the pod failure policy
+    ignores them); the failure that ends a Failed job is not a restart. Never goes down."""
+    uncounted = (job_status.get("uncountedTerminatedPods") or {}).get("failed") or []
+    failed = int(job_status.get("failed") or 0) + len(uncounted)
+    if phase == Phase.FAILED:
+        failed -= nodes
+    return max(old, failed, 0)
+
+
+@dataclass(frozen=True)
+class SecretFacts:
+    """What the status sync knows about the Secrets of a running job."""
+
+    names: list[str]
+    missing: list[str]
+    current: str  # hash of the Secrets' resourceVersions now
+    recorded: str | None  # the hash the running pods started with
+    restarting: bool  # a rotation has suspended the Job and waits to resume it
+    job_suspended: bool
+    job_active: bool
+    user_suspended: bool
+    secrets_ready_false: bool
+
+
+@dataclass(frozen=True)
+class SecretStep:
+    """What to change: conditions (type, status, reason, message), status fields, the Job's suspend,
+    and events to post once the status is written."""
+
+    conditions: list[tuple[str, bool, str, str]] = field(default_factory=list)
+    secrets_hash: str | None = None
+    phase: Phase | None = None
+    suspend_job: bool | None = None
+    event: str = ""
+    warning: str = ""
+
+
+def secret_step(facts: SecretFacts) -> SecretStep:
+    """A deleted Secret is reported, not taken for a rotation; a rotated one restarts the trainer
+    through a checkpoint (suspend, then resume once the old pods are gone)."""
+    if facts.missing:
+        message = (
+            f"Secret(s) {', '.join(facts.missing)} deleted after the job launched: its running pods keep "
+            "their values, but a new pod cannot start without them (fix: create them again)"
+        )
+        warning = "" if facts.secrets_ready_false else message
+        return SecretStep([("SecretsReady", False, "SecretMissing", message)], warning=warning)
+    back = ("SecretsReady", True, "Found", "every referenced Secret exists")
+    ready = [back] if facts.secrets_ready_false else []
+    if facts.restarting and facts.job_suspended and not facts.user_suspended:
+        if facts.job_active:
+            return SecretStep(ready, phase=Phase.TRAINING)  # the old pods are still checkpointing
+        message = "new pods resume from the last checkpoint with the rotated Secrets"
+        return SecretStep(
+            [*ready, ("SecretsRotated", True, "Restarted", message)], phase=Phase.TRAINING, suspend_job=False
+        )
+    if facts.recorded is None or facts.current == facts.recorded or facts.user_suspended:
+        return SecretStep(ready, secrets_hash=facts.current)  # a suspended job has nothing to restart
+    message = f"Secret(s) {', '.join(facts.names)} changed: checkpointing, then restarting the trainer"
+    return SecretStep(
+        [*ready, ("SecretsRotated", True, "Restarting", message)],
+        secrets_hash=facts.current,
+        phase=Phase.TRAINING,
+        suspend_job=True,
+        event=message,
+    )
 
 
 def explain_exit_code(code: int) -> str:

@@ -163,18 +163,45 @@ def test_missed_success_criteria_fail_the_job_with_the_reason(
     assert status["restarts"] == 0, "a failed success criterion must not be retried"
 
 
+def condition_of(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), None)
+
+
 def test_rotated_secret_restarts_training_without_losing_work(
-    launch_tiny: Any, core: client.CoreV1Api, job_status: Status, pod_logs: Callable[..., str], namespace: str
+    launch_tiny: Any,
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    namespace: str,
 ) -> None:
+    """A deleted Secret is reported and the run goes on; created again with a new value, it is a
+    rotation (checkpoint, restart); once the job has succeeded, its Secrets no longer matter."""
     uid = launch_tiny("rotating", **LONGER)["metadata"]["uid"]
     before = wait_for(
         lambda: verified_checkpoint(job_status, "rotating"), 300, "a verified checkpoint", interval=1,
         describe=pod_logs,
     )  # fmt: skip
     first_pids = set(trainer_pids(uid))
-    core.patch_namespaced_secret(
-        "persistence", namespace, {"stringData": {"serviceRoleKey": "rotated-value"}}
-    )
+    secret = core.read_namespaced_secret("persistence", namespace)
+    core.delete_namespaced_secret("persistence", namespace)
+
+    def secret_missing() -> dict[str, Any] | None:
+        cond = condition_of(job_status("rotating"), "SecretsReady")
+        return cond if cond and cond["status"] == "False" else None
+
+    missing = wait_for(secret_missing, 45, "SecretsReady=False", interval=1, describe=pod_logs)
+    assert "persistence" in missing["message"], missing
+    assert first_pids <= set(trainer_pids(uid)), "a deleted Secret does not stop the running trainer"
+    assert not client.BatchV1Api(kube).read_namespaced_job("rotating", namespace).spec.suspend
+    assert condition_of(job_status("rotating"), "SecretsRotated") is None
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "persistence"},
+            "data": {**secret.data, "serviceRoleKey": "cm90YXRlZC12YWx1ZQ=="},
+        },
+    )  # "rotated-value"
 
     def rotated() -> dict[str, Any] | None:
         status = job_status("rotating")
@@ -190,6 +217,22 @@ def test_rotated_secret_restarts_training_without_losing_work(
     assert resumed and resumed[-1] >= int(before["checkpoint"]["step"])
     assert any(e.startswith("SecretRotated") for e in events_for(core, namespace, "rotating"))
     assert "rotated-value" not in json.dumps(status) + " ".join(events_for(core, namespace, "rotating"))
+
+    # Finished stays finished: no preflight again, even without its Secret and with an edited spec.
+    core.delete_namespaced_secret("persistence", namespace)
+    client.CustomObjectsApi(kube).patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "rotating", {"spec": {"backoffLimit": 5}}
+    )
+
+    def edit_handled() -> dict[str, Any] | None:
+        status = job_status("rotating")
+        cond = condition_of(status, "SpecApplied")
+        return status if cond and cond["status"] == "False" else None
+
+    status = wait_for(edit_handled, 30, "the edit of a finished job to be handled", interval=1)
+    assert status["phase"] == "Succeeded", status
+    assert condition_of(status, "SecretsReady")["status"] == "True"  # type: ignore[index]
+    assert "spec.backoffLimit" in condition_of(status, "SpecApplied")["message"]  # type: ignore[index]
 
 
 def test_suspend_while_preparing_data_stops_the_pod_within_seconds(

@@ -180,6 +180,59 @@ def test_children_are_owned_labelled_and_collected(
     )
 
 
+def test_a_launched_job_keeps_its_spec_and_names_the_edit(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    """After launch only spec.suspend may change: an edit is named in a condition and an event, and
+    neither the trainer's config nor the Job changes; a deleted Secret is reported, not re-checked
+    as if the job had not launched."""
+    make_secrets(core, namespace)
+    job = launch_suspended(kube, namespace, "locked")
+    config = core.read_namespaced_config_map("locked-config", namespace).data
+    api = custom(kube)
+
+    def spec_applied(expected: str) -> Any:
+        def check() -> dict[str, Any] | None:
+            obj = get_ftj(kube, namespace, "locked")
+            cond = condition(obj, "SpecApplied")
+            generation = obj["metadata"]["generation"]
+            done = (
+                cond and cond["status"] == expected and obj["status"].get("observedGeneration") == generation
+            )
+            return obj if done else None
+
+        return wait_for(check, 30, f"SpecApplied={expected} for the latest generation")
+
+    core.delete_namespaced_secret("persistence", namespace)
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "locked", {"spec": {"hyperparameters": {"learningRate": 0.001}}}
+    )
+    obj = spec_applied("False")
+    message = condition(obj, "SpecApplied")["message"]  # type: ignore[index]
+    assert "spec.hyperparameters.learningRate changed after the job launched" in message
+    assert "only spec.suspend may change" in message
+    assert core.read_namespaced_config_map("locked-config", namespace).data == config
+    assert client.BatchV1Api(kube).read_namespaced_job("locked", namespace).metadata.uid == job.metadata.uid
+    assert obj["status"]["phase"] == "Suspended", "a launched job is not preflighted again"
+    assert any(e.startswith("SpecChangeIgnored") for e in events_for(core, namespace, "locked"))
+
+    missing = wait_for(
+        lambda: (
+            (c := condition(get_ftj(kube, namespace, "locked"), "SecretsReady"))
+            and c["status"] == "False"
+            and c
+        ),
+        45,
+        "SecretsReady=False for the deleted Secret",
+    )
+    assert "persistence" in missing["message"] and "deleted after the job launched" in missing["message"]
+
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "locked", {"spec": {"hyperparameters": {"learningRate": None}}}
+    )
+    spec_applied("True")
+
+
 HOLD = "finetune.dev/test-hold"  # keeps a deleted job's Job around, as a slow garbage collector would
 
 

@@ -84,22 +84,27 @@ def job_status(condition: str | None = None, active: int = 0) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("job", "reported", "phase"),
+    ("job", "reported", "previous", "phase"),
     [
-        (None, None, Phase.PENDING),
-        (job_status(), None, Phase.PENDING),
-        (job_status(active=1), None, Phase.PREPARING),
-        (job_status(active=2), "Baseline", Phase.BASELINE),
-        (job_status(active=1), "Training", Phase.TRAINING),
-        (job_status(active=1), "Succeeded", Phase.EVALUATING),
-        (job_status("Suspended"), "Training", Phase.SUSPENDED),
-        (job_status("Complete"), "Succeeded", Phase.SUCCEEDED),
-        (job_status("Failed"), "Training", Phase.FAILED),
-        (job_status("FailureTarget", active=1), "Training", Phase.FAILED),
+        (None, None, None, Phase.PENDING),
+        (job_status(), None, None, Phase.PENDING),
+        (job_status(active=1), None, "Pending", Phase.PREPARING),
+        (job_status(active=2), "Baseline", "Preparing", Phase.BASELINE),
+        (job_status(active=1), "Training", "Baseline", Phase.TRAINING),
+        (job_status(active=1), "Succeeded", "Evaluating", Phase.EVALUATING),
+        # A failing attempt whose pod has not ended yet shows where it was, never "Evaluating".
+        (job_status(active=1), "Failed", "Training", Phase.TRAINING),
+        (job_status(active=1), "Failed", "Pending", Phase.PREPARING),
+        (job_status("Suspended"), "Training", "Training", Phase.SUSPENDED),
+        (job_status("Complete"), "Succeeded", "Evaluating", Phase.SUCCEEDED),
+        (job_status("Failed"), "Training", "Training", Phase.FAILED),
+        (job_status("FailureTarget", active=1), "Training", "Training", Phase.FAILED),
     ],
 )
-def test_phase_from_job(job: dict[str, Any] | None, reported: str | None, phase: Phase) -> None:
-    assert status.phase_from_job(job, reported) == phase
+def test_phase_from_job(
+    job: dict[str, Any] | None, reported: str | None, previous: str | None, phase: Phase
+) -> None:
+    assert status.phase_from_job(job, reported, previous) == phase
 
 
 def test_phase_from_job_accepts_the_trainers_enum() -> None:
@@ -234,3 +239,111 @@ def test_samples_reach_the_status_clipped() -> None:
     assert len(samples) == status.MAX_SAMPLES
     assert samples[0]["prompt"] == "Unicode name of 'é'?" and samples[0]["baseline"] == "It is é."
     assert len(samples[0]["reference"]) == status.MAX_SAMPLE_TEXT and "final" not in samples[0]
+
+
+@pytest.mark.parametrize(
+    ("job", "phase", "nodes", "old", "restarts"),
+    [
+        ({}, Phase.PREPARING, 1, 0, 0),
+        ({"failed": 1, "active": 1}, Phase.TRAINING, 1, 0, 1),
+        # A failed pod not yet counted by the Job controller is a restart already.
+        ({"failed": 1, "uncountedTerminatedPods": {"failed": ["u1"]}}, Phase.TRAINING, 1, 0, 2),
+        # Old pods garbage-collected: the counter stays, and the status never goes down.
+        ({"failed": 1}, Phase.TRAINING, 1, 3, 3),
+        # The failure that ends the job is not a restart; for two pods, both go down together.
+        ({"failed": 1}, Phase.FAILED, 1, 0, 0),
+        ({"failed": 3}, Phase.FAILED, 1, 0, 2),
+        ({"failed": 4}, Phase.FAILED, 2, 1, 2),
+        ({"failed": 2}, Phase.SUCCEEDED, 1, 0, 2),
+    ],
+)
+def test_restarts_from_the_jobs_counters(
+    job: dict[str, Any], phase: Phase, nodes: int, old: int, restarts: int
+) -> None:
+    assert status.restarts_from_job(job, phase, nodes, old) == restarts
+
+
+RUNNING = status.SecretFacts(
+    names=["persistence", "s3-creds"],
+    missing=[],
+    current="h1",
+    recorded="h1",
+    restarting=False,
+    job_suspended=False,
+    job_active=True,
+    user_suspended=False,
+    secrets_ready_false=False,
+)
+
+
+def secret_case(**changes: Any) -> status.SecretFacts:
+    return status.SecretFacts(**{**RUNNING.__dict__, **changes})
+
+
+@pytest.mark.parametrize(
+    ("facts", "conditions", "suspend", "phase", "hash_", "events"),
+    [
+        (RUNNING, [], None, None, "h1", ("", "")),
+        # Deleted, not rotated: reported once, the Job keeps running and nothing is recorded.
+        (
+            secret_case(missing=["persistence"], current="h2"),
+            [("SecretsReady", False, "SecretMissing")],
+            None,
+            None,
+            None,
+            ("", "persistence"),
+        ),
+        (
+            secret_case(missing=["persistence"], current="h2", secrets_ready_false=True),
+            [("SecretsReady", False, "SecretMissing")],
+            None,
+            None,
+            None,
+            ("", ""),
+        ),
+        # Back again with a new version: ready, and a rotation restarts the trainer.
+        (
+            secret_case(current="h3", secrets_ready_false=True),
+            [("SecretsReady", True, "Found"), ("SecretsRotated", True, "Restarting")],
+            True,
+            Phase.TRAINING,
+            "h3",
+            ("changed", ""),
+        ),
+        (
+            secret_case(current="h3"),
+            [("SecretsRotated", True, "Restarting")],
+            True,
+            Phase.TRAINING,
+            "h3",
+            ("changed", ""),
+        ),
+        # Suspended for the rotation: resumed only once the old pods are gone.
+        (secret_case(restarting=True, job_suspended=True), [], None, Phase.TRAINING, None, ("", "")),
+        (
+            secret_case(restarting=True, job_suspended=True, job_active=False),
+            [("SecretsRotated", True, "Restarted")],
+            False,
+            Phase.TRAINING,
+            None,
+            ("", ""),
+        ),
+        # The user's own suspend: nothing runs that could use the old values.
+        (secret_case(current="h3", user_suspended=True, job_suspended=True), [], None, None, "h3", ("", "")),
+        (secret_case(recorded=None, current="h3"), [], None, None, "h3", ("", "")),
+    ],
+)
+def test_secret_step(
+    facts: status.SecretFacts,
+    conditions: list[tuple[str, bool, str]],
+    suspend: bool | None,
+    phase: Phase | None,
+    hash_: str | None,
+    events: tuple[str, str],
+) -> None:
+    step = status.secret_step(facts)
+    assert [c[:3] for c in step.conditions] == conditions
+    assert (step.suspend_job, step.phase, step.secrets_hash) == (suspend, phase, hash_)
+    normal, warning = events
+    assert (normal in step.event, warning in step.warning) == (True, True)
+    assert bool(step.event) == bool(normal) and bool(step.warning) == bool(warning)

@@ -49,6 +49,11 @@ def divergence_message(step: int, what: str, learning_rate: float, spike: bool =
     )
 
 
+def is_training_log(logs: dict[str, Any]) -> bool:
+    """A log of the training loop, not of an evaluation (whose metrics all start with eval_)."""
+    return not any(key.startswith("eval_") for key in logs)
+
+
 def stop_before_saving(control: TrainerControl) -> None:
     """After a divergence nothing is saved or evaluated: the weights may no longer be finite."""
     control.should_training_stop = True
@@ -75,6 +80,7 @@ class ProgressCallback(TrainerCallback):
         self._start_step = 0
         self._min_loss = math.inf
         self._logs = 0
+        self._last_loss: float | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -93,6 +99,8 @@ class ProgressCallback(TrainerCallback):
         **kw: Any,
     ) -> None:
         logs = logs or {}
+        if not is_training_log(logs):
+            return  # Trainer.evaluate logs too: the baseline and final evaluations are not training
         m = self.metrics
         elapsed = max(time.monotonic() - self._start, 1e-6)
         steps_per_s = (state.global_step - self._start_step) / elapsed
@@ -105,13 +113,14 @@ class ProgressCallback(TrainerCallback):
             m.labels(m.learning_rate).set(logs["learning_rate"])
         if "loss" in logs:
             m.labels(m.train_loss).set(logs["loss"])
+            self._last_loss = round(float(logs["loss"]), 4)
         self._check_divergence(logs, args, state, control)
         remaining = state.max_steps - state.global_step
         progress = Progress(
             step=state.global_step,
             total_steps=state.max_steps,
             epoch=round(state.epoch or 0.0, 3),
-            loss=logs.get("loss"),
+            loss=self._last_loss,  # the end-of-training summary carries none: keep the last one
             learning_rate=logs.get("learning_rate"),
             tokens_per_second=round(steps_per_s * self.tokens_per_step, 1),
             eta_seconds=round(remaining / steps_per_s, 1) if steps_per_s > 0 else None,

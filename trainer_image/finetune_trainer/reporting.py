@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 LABELS = ("namespace", "job")
 POD_IP_ENV = "POD_IP"  # the operator sets it from the pod's status.podIP
 MAX_NOTICES = 5
+REQUEST_TIMEOUT_S = 15.0  # a report write that takes longer is given up; the next one carries it
 # From a LoRA adapter on a fast network to full weights of a large model on a slow one.
 UPLOAD_SECONDS_BUCKETS = (0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 LINGER_POLL_S = 0.2
@@ -219,6 +220,9 @@ class ProgressReporter:
 
     Writes are throttled except on phase changes; errors are logged and swallowed. Notices
     (problems that did not stop training, such as a skipped checkpoint) stay in every later message.
+    The throttled writes of the training loop go through a writer thread, latest document first, so
+    a slow API server never holds up a training step; forced ones (phases, the outcome) are written
+    before `update` returns.
     """
 
     def __init__(self, config: TrainerConfig, min_interval_s: float = 10.0, writes: bool = True) -> None:
@@ -234,6 +238,10 @@ class ProgressReporter:
         self._api: Any = None
         self.notices: list[str] = []
         self._message = ""  # the last message, without notices
+        self._pending: str | None = None  # the newest document not written yet
+        self._send_lock = threading.Lock()  # one write at a time, in order
+        self._wake = threading.Event()
+        self._writer: threading.Thread | None = None
 
     def update(self, force: bool = False, **fields: Any) -> None:
         with self._lock:
@@ -242,18 +250,41 @@ class ProgressReporter:
                 fields["message"] = "; ".join(m for m in (self._message, *self.notices) if m)
             self.report = self.report.model_copy(update=fields)
             phase_changed = self.report.phase != self._last_phase
-            if force or phase_changed or time.monotonic() - self._last_write >= self._min_interval:
-                self._write()
+            if force or phase_changed:
+                self._write(wait=True)
+            elif time.monotonic() - self._last_write >= self._min_interval:
+                self._write(wait=False)
 
     def notice(self, text: str) -> None:
         with self._lock:
             self.notices = [*self.notices, redact(text)][-MAX_NOTICES:]
             self.update(message=self._message, force=True)
 
-    def _write(self) -> None:
+    def _write(self, wait: bool) -> None:
         self.report.updated_at = TrainerReport().updated_at
         self._last_write, self._last_phase = time.monotonic(), self.report.phase
         document = self.report.to_json()
+        if wait or not self._config_map:  # a local file is written at once
+            with self._send_lock:
+                self._pending = None  # older than this one
+                self._send(document)
+            return
+        self._pending = document
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_behind, name="progress-report", daemon=True)
+            self._writer.start()
+        self._wake.set()
+
+    def _write_behind(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._send_lock:
+                document, self._pending = self._pending, None
+                if document is not None:
+                    self._send(document)
+
+    def _send(self, document: str) -> None:
         try:
             if self._config_map:
                 self._patch(document)
@@ -277,5 +308,8 @@ class ProgressReporter:
             config.load_incluster_config()
             self._api = client.CoreV1Api()
         self._api.patch_namespaced_config_map(
-            self._config_map, self._namespace, {"data": {PROGRESS_KEY: document}}
+            self._config_map,
+            self._namespace,
+            {"data": {PROGRESS_KEY: document}},
+            _request_timeout=REQUEST_TIMEOUT_S,
         )

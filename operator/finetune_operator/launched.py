@@ -1,0 +1,70 @@
+"""What may change once a job has launched: only `spec.suspend`.
+
+A running trainer read its config when it started, and a Job's pod template cannot change, so any
+other edit could only apply to some pods of a run (the retries, the next resume) and not to others.
+The operator therefore records, on the Job it creates, a short hash of each spec field
+(`fingerprints`), and after launch compares the live spec with them (`changed_fields`): a change is
+reported, never applied. To run with a new spec, delete the job and create it again (with
+`spec.resumeFrom` set to its last checkpoint, `status.checkpoint.uri`, to continue from it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from finetune_operator.builders import short_hash
+
+SPEC_ANNOTATION = "finetune.dev/spec-fingerprints"
+MUTABLE = frozenset({"suspend"})
+_DEPTH = 2  # spec.hyperparameters.learningRate: deep enough to name the field, small enough to store
+
+
+def _leaves(value: Any, path: str, depth: int) -> dict[str, Any]:
+    if depth == 0 or not isinstance(value, Mapping) or not value:
+        return {path: value}
+    out: dict[str, Any] = {}
+    for key in sorted(value):
+        out.update(_leaves(value[key], f"{path}.{key}", depth - 1))
+    return out
+
+
+def fingerprints(spec: Mapping[str, Any]) -> dict[str, str]:
+    """A hash of each field of the spec (two levels deep), `suspend` left out."""
+    fields: dict[str, Any] = {}
+    for key in sorted(set(spec) - MUTABLE):
+        fields.update(_leaves(spec[key], f"spec.{key}", _DEPTH - 1))
+    return {path: short_hash(json.dumps(value, sort_keys=True)) for path, value in fields.items()}
+
+
+def changed_fields(recorded: Mapping[str, str], spec: Mapping[str, Any]) -> list[str]:
+    """The spec fields whose value differs from the one launched (added, removed or changed)."""
+    now = fingerprints(spec)
+    return sorted(path for path in set(recorded) | set(now) if recorded.get(path) != now.get(path))
+
+
+def recorded(job: Mapping[str, Any]) -> dict[str, str] | None:
+    """The fingerprints on a Job; None for a Job made before they were recorded."""
+    annotations = (job.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(SPEC_ANNOTATION)
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
+
+
+def annotation(spec: Mapping[str, Any]) -> dict[str, str]:
+    return {SPEC_ANNOTATION: json.dumps(fingerprints(spec), sort_keys=True, separators=(",", ":"))}
+
+
+def change_message(fields: list[str]) -> str:
+    shown = ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
+    return (
+        f"{shown} changed after the job launched; the running job keeps the spec it started with "
+        "(only spec.suspend may change once launched; fix: undo the change, or delete the job and "
+        "create it again with spec.resumeFrom: <status.checkpoint.uri> to continue from its last checkpoint)"
+    )
