@@ -1156,6 +1156,16 @@ class CheckpointStatus(_Model):
     time: datetime | None = Field(default=None, description="When it was committed.")
 
 
+class CheckpointProblemStatus(_Model):
+    """A checkpoint the trainer did not use, and why."""
+
+    uri: Annotated[str, StringConstraints(max_length=2048)] = Field(description="The checkpoint.")
+    problem: Annotated[str, StringConstraints(max_length=32)] = Field(
+        description="skipped (corrupt or incomplete), invalid (failed verification) or upload_failed."
+    )
+    reason: Annotated[str, StringConstraints(max_length=1024)] = Field(description="What was wrong.")
+
+
 class PredictionCheck(_Model):
     """One predictions-diagnostic check."""
 
@@ -1213,6 +1223,10 @@ class FineTuneJobStatus(_Model):
     )
     progress: ProgressStatus | None = Field(default=None, description="Training progress.")
     checkpoint: CheckpointStatus | None = Field(default=None, description="Latest checkpoint.")
+    checkpoint_problems: Annotated[list[CheckpointProblemStatus], Field(max_length=5)] | None = Field(
+        default=None,
+        description="The latest checkpoints that were not used (corrupt, unverified, not stored).",
+    )
     final: MetricValues | None = Field(default=None, description="Fine-tuned model metrics on the test set.")
     predictions: PredictionsStatus | None = Field(default=None, description="Predictions diagnostic.")
     samples: Annotated[list[SampleStatus], Field(max_length=8)] | None = Field(

@@ -42,7 +42,7 @@ JOB_NAME_LABEL = "finetune.dev/job-name"
 
 # Exit codes of the trainer (finetune_trainer.exitcodes.ExitCode), kept as numbers here so the
 # Job spec is readable: these mean "retrying will not help" (6: training diverged).
-FAIL_JOB_EXIT_CODES = (2, 3, 4, 5, 6)
+FAIL_JOB_EXIT_CODES = (2, 3, 4, 5, 6, 7)
 # SIGTERM handled, with a checkpoint committed (75) or outside training (76): the next pod resumes
 # from the last committed checkpoint; not counted as a failure.
 RESUME_EXIT_CODES = (75, 76)
@@ -296,6 +296,7 @@ def _store(spec: FineTuneJobSpec, settings: OperatorSettings) -> tc.S3Store:
         prefix=store.prefix,
         path_style=path_style,
         checksum_mode=checksum_mode,
+        credentials_secret=store.credentials_secret or "",
     )
 
 

@@ -43,6 +43,7 @@ def _kube() -> Kube:
 
 
 EVENT_REPEAT_S = 600.0  # the same event about the same job is posted at most once in this window
+MAX_REMEMBERED_EVENTS = 10_000
 _events_posted: dict[tuple[str, str, str], float] = {}
 
 
@@ -54,6 +55,9 @@ def _event(body: Mapping[str, Any], kind: str, *, reason: str, message: str) -> 
     with _events_guard:
         if now - _events_posted.get(key, -EVENT_REPEAT_S) < EVENT_REPEAT_S:
             return
+        if len(_events_posted) > MAX_REMEMBERED_EVENTS:  # forget what is out of the window anyway
+            for old in [k for k, at in _events_posted.items() if now - at >= EVENT_REPEAT_S]:
+                del _events_posted[old]
         _events_posted[key] = now
     try:
         _kube().event(body, kind, reason, message)
@@ -418,12 +422,34 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
         _beat()
         try:
             with metrics.observed("refresh"):
-                for item in _kube().list_job_resources(_settings().namespaces):
-                    sync_status(item["metadata"]["namespace"], item["metadata"]["name"])
-                _update_fleet_gauge()
-            _state["last_refresh"] = time.monotonic()
+                items = _kube().list_job_resources(_settings().namespaces)
+                _state["last_refresh"] = time.monotonic()  # the API server answers; the pass goes on
+                for item in items:
+                    namespace, name = item["metadata"]["namespace"], item["metadata"]["name"]
+                    if needs_refresh(item):
+                        _sync_one(namespace, name)
+                    else:  # from the listing: no request
+                        metrics.set_job_phase(namespace, name, item["status"]["phase"], PHASES)
+                _update_fleet_gauge(items)
         except Exception:
             log.exception("periodic refresh failed; retrying in %.0fs", interval)
+
+
+def needs_refresh(item: Mapping[str, Any]) -> bool:
+    """A finished job's status no longer changes: it costs no request per pass."""
+    status = item.get("status") or {}
+    return not (
+        status.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value) and status.get("completionTime")
+    )
+
+
+def _sync_one(namespace: str, name: str) -> None:
+    """One job's failure is logged and counted; the pass goes on with the others."""
+    try:
+        sync_status(namespace, name)
+    except Exception:
+        metrics.SYNC_ERRORS.labels(namespace, name).inc()
+        log.exception("%s/%s: status sync failed; retrying on the next pass", namespace, name)
 
 
 _sync_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -642,6 +668,7 @@ def _outcome(
         4: "DataRefused",
         5: "CheckpointRestoreFailed",
         6: "TrainingDiverged",
+        7: "StoreRefused",
     }
     message = st.explain_exit_code(code) + (f": {detail[:1500]}" if detail else "")
     return reason.get(code, "TrainerFailed"), message
@@ -658,6 +685,11 @@ def _announce(
         _event(ref, kind, reason=str(patch["phase"]), message=message)
     if int(patch.get("restarts") or 0) > int(old.get("restarts") or 0):
         _event(ref, "Warning", reason="TrainerRestarted", message=_restart_message(pods))
+    seen = {(p.get("uri"), p.get("problem")) for p in old.get("checkpointProblems") or []}
+    for problem in patch.get("checkpointProblems") or []:
+        if (problem.get("uri"), problem.get("problem")) not in seen:
+            message = f"checkpoint {problem['uri']} not used ({problem['problem']}): {problem['reason']}"
+            _event(ref, "Warning", reason="CheckpointRejected", message=message)
     new_ckpt, old_ckpt = patch.get("checkpoint") or {}, old.get("checkpoint") or {}
     if new_ckpt.get("verified") and (new_ckpt.get("step"), True) != (
         old_ckpt.get("step"),
@@ -715,9 +747,9 @@ def _checkpoint_seen(namespace: str, name: str, step: int) -> None:
     metrics.CHECKPOINT_AGE.labels(namespace, name).set(now - _checkpoints_seen[key][1])
 
 
-def _update_fleet_gauge() -> None:
+def _update_fleet_gauge(items: list[dict[str, Any]]) -> None:
     counts: dict[tuple[str, str], int] = {}
-    for item in _kube().list_job_resources(_settings().namespaces):
+    for item in items:
         phase = (item.get("status") or {}).get("phase") or Phase.PENDING.value
         key = (item["metadata"]["namespace"], phase)
         counts[key] = counts.get(key, 0) + 1
@@ -726,8 +758,9 @@ def _update_fleet_gauge() -> None:
         metrics.JOBS.labels(namespace, phase).set(count)
 
 
-# The liveness probe fails (HTTP 500 on /healthz) when the API server has not answered the
-# periodic refresh, or the watch has not delivered the operator's own heartbeat, for this long:
+# The liveness probe fails (HTTP 500 on /healthz) when no refresh pass has started with an answer
+# from the API server (a long pass over many jobs is fine), or the watch has not delivered the
+# operator's own heartbeat, for this long:
 # a restarted operator gets fresh connections and watches.
 STALE_AFTER_SECONDS = 300.0
 HEARTBEAT = "finetune-operator-heartbeat"

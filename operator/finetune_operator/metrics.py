@@ -29,6 +29,12 @@ RECONCILE_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+SYNC_ERRORS = Counter(
+    "finetune_operator_sync_errors",
+    "Status syncs of one job that raised (the refresh pass goes on with the others).",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
 JOBS = Gauge("finetune_jobs", "FineTuneJobs by phase.", ["namespace", "phase"], registry=REGISTRY)
 JOB_PHASE = Gauge(
     "finetune_job_phase",
@@ -109,6 +115,7 @@ def forget_job(namespace: str, job: str, phases: list[str]) -> None:
     for gauge in (TIME_TO_FIRST_STEP, CHECKPOINT_AGE, CHECKPOINT_STEP):
         _remove(gauge, namespace, job)
     _remove(JOB_RESTARTS, namespace, job)
+    _remove(SYNC_ERRORS, namespace, job)
     for phase in phases:
         _remove(JOB_PHASE, namespace, job, phase)
 

@@ -42,6 +42,8 @@ EXIT_CODE_MEANINGS: dict[int, str] = {
     ExitCode.CHECKPOINT_RESTORE_FAILED: "a checkpoint could not be restored and verified",
     ExitCode.DIVERGED: "training diverged (a loss, gradient norm or weight was not finite, or the loss "
     "spiked); no checkpoint after it was kept",
+    ExitCode.STORE_REFUSED: "the object store refused the job's credentials or access, or has no such "
+    "bucket; not retried (the message names the store, the Secret and the fix)",
     ExitCode.PREEMPTED_CHECKPOINTED: "the pod was stopped after saving a checkpoint; training resumes",
     ExitCode.PREEMPTED_OUTSIDE_TRAINING: "the pod was stopped outside training (preparing, loading or "
     "evaluating); the next pod resumes from the last committed checkpoint",
@@ -338,6 +340,11 @@ def status_from_report(report: TrainerReport, old: Mapping[str, Any] | None = No
         fields["progress"] = progress
     if report.checkpoint is not None:
         fields["checkpoint"] = report.checkpoint.model_dump(by_alias=True)
+    if report.checkpoint_problems:
+        fields["checkpointProblems"] = [
+            {"uri": p.uri, "problem": p.problem[:32], "reason": _clip(p.reason, MAX_REASON)}
+            for p in report.checkpoint_problems[-5:]
+        ]
     if report.predictions is not None:
         fields["predictions"] = report.predictions.model_dump(by_alias=True)
     if report.samples:

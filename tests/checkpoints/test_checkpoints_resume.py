@@ -235,6 +235,11 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_its_reason(
     message = resumed.report()["message"]
     assert f"s3://{bucket}/{key.rsplit('/', 1)[0]} skipped" in message
     assert "model.safetensors: sha256" in message
+    problems = resumed.report()["checkpointProblems"]
+    assert [(p["uri"], p["problem"]) for p in problems] == [
+        (f"s3://{bucket}/{key.rsplit('/', 1)[0]}", "skipped")
+    ]
+    assert "sha256" in problems[0]["reason"]
     assert trained_steps(resumed)[0] == previous + 1
 
 
@@ -248,10 +253,11 @@ def test_wrong_credentials_stop_before_training_with_the_fix(
         tmp_path,
         env={**ONE_THREAD, "JOB_ID": "uid-creds", "AWS_SECRET_ACCESS_KEY": wrong},
     ).finish(timeout=120)
-    assert bad.code == ExitCode.FAILED, bad.log[-3000:]
+    assert bad.code == ExitCode.STORE_REFUSED, bad.log[-3000:]  # final: the Job does not retry it
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["phase"] == "Failed"
     assert f"bucket {bucket!r} at {s3_env.endpoint}" in report["message"]
-    assert "was refused" in report["message"] and "fix: check the access key" in report["message"]
+    assert "was refused (SignatureDoesNotMatch" in report["message"]
+    assert "fix: correct the access key id and secret access key" in report["message"]
     assert "progress:" not in bad.log, "no training step before the store is usable"
     assert wrong not in bad.log + report["message"]

@@ -10,10 +10,14 @@ from typing import Any
 
 import pytest
 
-from finetune_trainer.checkpoints import CheckpointConflictError, CheckpointStore, CheckpointStoreError
+from finetune_trainer.checkpoints import CheckpointConflictError, CheckpointStore
 from finetune_trainer.checkpoints.describe import build_manifest
+from finetune_trainer.checkpoints.errors import CheckpointStoreRefusedError
 from finetune_trainer.checkpoints.objects import ObjectExistsError
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import S3Store, TrainerConfig
+from finetune_trainer.data.errors import DataError
+from finetune_trainer.data.sources import download_s3
+from finetune_trainer.sink import StoreRefusedError
 
 MiB = 1024 * 1024
 PREFIX = "jobs/team-a/support-bot/uid-1/checkpoints"
@@ -261,14 +265,40 @@ def test_wrong_credentials_and_missing_bucket_give_clear_errors(
         }
     )
     with pytest.raises(
-        CheckpointStoreError, match=r"checkpoints.store.bucket: got 'no-such-bucket': no such bucket"
+        CheckpointStoreRefusedError,
+        match=r"checkpoints.store.bucket: bucket 'no-such-bucket' does not exist at http",
     ):
         commit(make_store(no_bucket), no_bucket, folder, 1)
 
     wrong_secret = "wrong-" + os.environ["AWS_SECRET_ACCESS_KEY"][::-1]
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
     with pytest.raises(
-        CheckpointStoreError, match=r"was refused \(SignatureDoesNotMatch\) \(fix: check the access key"
+        CheckpointStoreRefusedError,
+        match=r"was refused \(SignatureDoesNotMatch: the secret access key does not match the access key "
+        r"id\) \(fix: correct the access key id and secret access key in checkpoints.store.credentialsSecret",
     ) as err:
         commit(make_store(config), config, folder, 1)
     assert wrong_secret not in str(err.value)
+
+
+def test_sources_in_a_store_that_refuses_name_the_field_the_secret_and_the_fix(
+    s3_env: Any, bucket: str, s3: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    s3.put_object(Bucket=bucket, Key="data/train.jsonl", Body=b'{"text": "hello"}\n')
+    store = S3Store(endpoint=s3_env.endpoint, bucket=bucket, path_style=True, credentials_secret="s3-creds")
+    assert download_s3(f"s3://{bucket}/data/train.jsonl", store, tmp_path / "ok").is_file()  # premise
+
+    with pytest.raises(DataError, match=r"model.source: 's3://.*/models/none/': no objects found"):
+        download_s3(f"s3://{bucket}/models/none/", store, tmp_path / "m", field="model.source")
+    with pytest.raises(StoreRefusedError, match=r"dataset.source: bucket 'no-such-bucket' does not exist"):
+        download_s3("s3://no-such-bucket/train.jsonl", store, tmp_path / "b")
+
+    wrong_secret = "wrong-" + s3_env.secret_key[::-1]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+    with pytest.raises(StoreRefusedError) as err:
+        download_s3(f"s3://{bucket}/data/train.jsonl", store, tmp_path / "wrong")
+    message = str(err.value)
+    where = f"reading s3://{bucket}/data/train.jsonl in bucket {bucket!r} at {s3_env.endpoint}"
+    assert message.startswith(f"dataset.source: {where} was refused")
+    assert "SignatureDoesNotMatch" in message and "Secret 's3-creds'" in message
+    assert wrong_secret not in message

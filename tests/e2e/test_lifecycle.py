@@ -299,3 +299,36 @@ def test_a_diverging_run_fails_for_good_naming_the_step(
     assert status["restarts"] == 0, "a diverged run must not be retried"
     assert len(core.list_namespaced_pod(namespace, label_selector="job-name").items) == 1
     assert int(status["checkpoint"]["step"]) == NAN_STEP // 2, status["checkpoint"]
+
+
+def test_a_store_that_refuses_the_credentials_fails_at_once_naming_the_secret(
+    launch_tiny: Any,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    job_status: Status,
+    pod_logs: Callable[..., str],
+    namespace: str,
+) -> None:
+    """A wrong secret key is not retried (no pod attempts spent on what no retry fixes), and the
+    status says which store, which Secret and what to do, never the key itself."""
+    wrong = "wrong-" + cluster.s3_secret_key[::-1]
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "s3-wrong"},
+            "stringData": {"accessKeyId": cluster.s3_access_key, "secretAccessKey": wrong},
+        },
+    )
+    launch_tiny("refused", checkpoints={"store": {"credentialsSecret": "s3-wrong"}}, backoffLimit=3)
+    status = wait_for(
+        lambda: finished(job_status, "refused"), 180, "the job to fail", interval=1, describe=pod_logs
+    )
+    assert status["phase"] == "Failed", status
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["reason"] == "StoreRefused", complete
+    message = complete["message"]
+    assert f"model.source: reading s3://{BUCKET}/" in message and cluster.s3_endpoint in message, message
+    assert "SignatureDoesNotMatch" in message and "Secret 's3-wrong'" in message, message
+    assert status["restarts"] == 0
+    assert len(core.list_namespaced_pod(namespace, label_selector="job-name").items) == 1, "not retried"
+    assert wrong not in json.dumps(status) + pod_logs(tail=None)

@@ -14,6 +14,7 @@ from finetune_operator.api import Phase, ResolvedMethodType
 from finetune_operator.policy import Finding, MethodDecision, Verdict
 from finetune_trainer.report_model import (
     CheckpointInfo,
+    CheckpointProblem,
     DataSummary,
     MethodInfo,
     Progress,
@@ -164,6 +165,20 @@ def test_checkpoint_time_is_its_commit_time_never_the_previous_ones() -> None:
     assert patch["checkpoint"] == {"uri": uri + "600", "step": 600, "verified": False, "time": None}
     again = status.status_from_report(full_report(checkpoint=handed_over), {"checkpoint": {"step": 600}})
     assert "time" not in again["checkpoint"], "nothing to clear: no patch churn"
+
+
+def test_checkpoints_not_used_are_listed_with_their_reason() -> None:
+    problems = [
+        CheckpointProblem(
+            uri=f"s3://ckpt/jobs/ns/bot/uid/checkpoints/step-{n}", problem="skipped", reason="x" * 5000
+        )
+        for n in range(7)
+    ]
+    patch = status.status_from_report(full_report(checkpoint_problems=problems))
+    listed = patch["checkpointProblems"]
+    assert [p["uri"].rsplit("-", 1)[1] for p in listed] == ["2", "3", "4", "5", "6"], "the latest five"
+    assert all(len(p["reason"]) <= status.MAX_REASON for p in listed)
+    api.FineTuneJobStatus.model_validate(patch)
 
 
 def test_report_end_phases_are_left_to_the_job() -> None:

@@ -99,7 +99,7 @@ def train_and_report(
     from finetune_trainer.data.errors import DataError
     from finetune_trainer.methods.loading import MethodError
     from finetune_trainer.report_model import Phase
-    from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
+    from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError, StoreRefusedError
 
     try:
         from finetune_trainer.train import run  # seconds of imports: a SIGTERM meanwhile is reported
@@ -113,6 +113,8 @@ def train_and_report(
         code, messages = ExitCode.DATA_REFUSED, [str(exc)]
     except CheckpointRestoreError as exc:
         code, messages = ExitCode.CHECKPOINT_RESTORE_FAILED, [str(exc)]
+    except StoreRefusedError as exc:  # the message names the store, the Secret and the fix
+        code, messages = ExitCode.STORE_REFUSED, [str(exc)]
     except CheckpointStoreUnusableError as exc:  # credentials, bucket, endpoint: the message names the fix
         code, messages = ExitCode.FAILED, [f"checkpoint store unusable: {exc}"]
     except Exception as exc:

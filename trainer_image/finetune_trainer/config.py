@@ -257,6 +257,9 @@ class S3Store(_Spec):
     checksum_mode: Literal["when_supported", "when_required"] = Field(
         default="when_required", description="when_required suits stores that reject newer checksums"
     )
+    credentials_secret: str = Field(
+        default="", description="the Secret the credentials come from, named in errors (never its values)"
+    )
 
 
 class Checkpoints(_Spec):

@@ -11,5 +11,6 @@ class ExitCode(IntEnum):
     DATA_REFUSED = 4  # small-data rule, failed tokenization checks, bad data
     CHECKPOINT_RESTORE_FAILED = 5
     DIVERGED = 6  # non-finite or spiking loss: a retry from the last checkpoint would diverge again
+    STORE_REFUSED = 7  # the object store refused the credentials or access, or has no such bucket
     PREEMPTED_CHECKPOINTED = 75  # SIGTERM and a committed checkpoint: resume, not a failure
     PREEMPTED_OUTSIDE_TRAINING = 76  # SIGTERM while preparing, loading or evaluating: nothing new to save

@@ -107,6 +107,17 @@ class Sample(_Doc):
     final: str | None = None
 
 
+class CheckpointProblem(_Doc):
+    """A checkpoint that was not used: skipped as corrupt, failed verification, or not stored."""
+
+    uri: str
+    problem: str  # skipped, invalid, upload_failed
+    reason: str
+
+
+MAX_CHECKPOINT_PROBLEMS = 5
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -119,6 +130,7 @@ class TrainerReport(_Doc):
     baseline: dict[str, float] = Field(default_factory=dict)
     progress: Progress | None = None
     checkpoint: CheckpointInfo | None = None
+    checkpoint_problems: list[CheckpointProblem] = Field(default_factory=list)  # the latest few
     final: dict[str, float] = Field(default_factory=dict)
     predictions: Predictions | None = None
     samples: list[Sample] = Field(default_factory=list)

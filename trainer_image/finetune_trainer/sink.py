@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.report_model import CheckpointInfo
+from finetune_trainer.redact import redact
+from finetune_trainer.report_model import MAX_CHECKPOINT_PROBLEMS, CheckpointInfo, CheckpointProblem
 
 if TYPE_CHECKING:
     from finetune_trainer.reporting import ProgressReporter, TrainerMetrics
@@ -31,6 +32,11 @@ class CheckpointRestoreError(Exception):
 
 class CheckpointStoreUnusableError(Exception):
     """The checkpoint store cannot be used as configured: credentials, bucket, endpoint (exit 1)."""
+
+
+class StoreRefusedError(Exception):
+    """An object store refused the job's credentials or access, or has no such bucket: no retry
+    changes that (exit 7, which the Job's pod failure policy makes final)."""
 
 
 class CheckpointEventLike(Protocol):
@@ -149,7 +155,10 @@ def report_checkpoint_events(
         elif event.kind in PROBLEM_EVENTS:
             notice = f"checkpoint {event.uri} {PROBLEM_EVENTS[event.kind]}: {event.reason}"
             log.warning("%s", notice)
-            reporter.notice(notice)
+            problem = CheckpointProblem(uri=event.uri, problem=event.kind, reason=redact(event.reason))
+            problems = [*reporter.report.checkpoint_problems, problem][-MAX_CHECKPOINT_PROBLEMS:]
+            reporter.update(checkpoint_problems=problems)
+            reporter.notice(notice)  # forces the write
 
     return handle
 

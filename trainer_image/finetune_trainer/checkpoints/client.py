@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_trainer.checkpoints.errors import CheckpointStoreError
+from finetune_trainer.checkpoints.errors import CheckpointStoreError, CheckpointStoreRefusedError
 from finetune_trainer.config import S3Store
 
 MiB = 1024 * 1024
@@ -62,21 +62,38 @@ def is_permanent(exc: BaseException) -> bool:
     return error_code(exc) in _ACCESS_CODES | _MISSING_BUCKET
 
 
+def refusal(exc: BaseException, store: S3Store, bucket: str, action: str, field: str) -> str | None:
+    """What a refusal no retry can change means, naming the store, the credentials Secret and the
+    fix; None for any other error. `field` is the spec field that named the bucket."""
+    code, endpoint = error_code(exc), store.endpoint or "AWS S3"
+    if code in _MISSING_BUCKET:
+        return f"{field}: bucket {bucket!r} does not exist at {endpoint} (fix: create it, or correct {field})"
+    if code not in _ACCESS_CODES:
+        return None
+    secret = (
+        f"Secret {store.credentials_secret!r} (checkpoints.store.credentialsSecret)"
+        if store.credentials_secret
+        else "checkpoints.store.credentialsSecret (none is set: the pod's default AWS credentials were used)"
+    )
+    meaning = {
+        "InvalidAccessKeyId": "the access key id is unknown to the store",
+        "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+        "InvalidToken": "the session token is invalid",
+    }.get(code, "these credentials may not access it")
+    return (
+        f"{field}: {action} in bucket {bucket!r} at {endpoint} was refused ({code}: {meaning}) (fix: "
+        f"correct the access key id and secret access key in {secret}, or the bucket's policy)"
+    )
+
+
 def store_error(exc: BaseException, store: S3Store, action: str) -> CheckpointStoreError:
     """A user-facing error for a failed request; the message never contains credentials."""
     code = error_code(exc)
     where = f"bucket {store.bucket!r} at {store.endpoint or 'AWS S3'}"
-    if code in _MISSING_BUCKET:
-        fix = "create the bucket or correct checkpoints.store.bucket"
-        return CheckpointStoreError(
-            f"checkpoints.store.bucket: got {store.bucket!r}: no such bucket at "
-            f"{store.endpoint or 'AWS S3'} (fix: {fix})"
-        )
-    if code in _ACCESS_CODES:
-        fix = "check the access key and secret in checkpoints.store.credentialsSecret and the bucket policy"
-        return CheckpointStoreError(
-            f"checkpoints.store: {action} in {where} was refused ({code}) (fix: {fix})"
-        )
+    field = "checkpoints.store.bucket" if code in _MISSING_BUCKET else "checkpoints.store"
+    refused = refusal(exc, store, store.bucket, action, field)
+    if refused is not None:
+        return CheckpointStoreRefusedError(refused)
     detail = code or type(exc).__name__
     fix = "check checkpoints.store.endpoint, region and network access; set checksumMode when_required"
     return CheckpointStoreError(f"checkpoints.store: {action} in {where} failed ({detail}) (fix: {fix})")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError
+from finetune_trainer.sink import CheckpointRestoreError, CheckpointStoreUnusableError, StoreRefusedError
 
 
 class CheckpointStoreError(CheckpointStoreUnusableError):
     """The store cannot be used as configured (credentials, bucket, endpoint) or a transfer failed."""
+
+
+class CheckpointStoreRefusedError(CheckpointStoreError, StoreRefusedError):
+    """Credentials or access refused, or no such bucket: a retry would be refused again (exit 7)."""
 
 
 class CheckpointConflictError(CheckpointStoreError):
@@ -21,5 +25,6 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointRestoreError",
     "CheckpointStoreError",
+    "CheckpointStoreRefusedError",
     "CheckpointVerificationError",
 ]

@@ -112,19 +112,32 @@ def s3_client(store: S3Store) -> Any:
     )
 
 
-def download_s3(uri: str, store: S3Store, into: Path) -> Path:
-    """Download an object or every object under a prefix; return the local file or folder."""
+def download_s3(uri: str, store: S3Store, into: Path, field: str = "dataset.source") -> Path:
+    """Download an object or every object under a prefix; return the local file or folder. A store
+    that refuses the credentials or has no such bucket raises StoreRefusedError naming `field`;
+    nothing under the prefix raises `missing` (DataError for data)."""
+    from botocore.exceptions import ClientError
+
+    from finetune_trainer.checkpoints.client import refusal
+    from finetune_trainer.sink import StoreRefusedError
+
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     client = s3_client(store)
-    keys = [
-        obj["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        for obj in page.get("Contents", [])
-    ]
-    if not keys:
-        raise DataError(f"dataset source {uri!r}: no objects found (fix: check bucket and key)")
-    for object_key in keys:
-        target = into / (object_key[len(key) :].lstrip("/") or Path(object_key).name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, object_key, str(target))
+    try:
+        keys = [
+            obj["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            for obj in page.get("Contents", [])
+        ]
+        if not keys:
+            raise DataError(f"{field}: {uri!r}: no objects found (fix: check the bucket and key)")
+        for object_key in keys:
+            target = into / (object_key[len(key) :].lstrip("/") or Path(object_key).name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, object_key, str(target))
+    except ClientError as exc:
+        refused = refusal(exc, store, bucket, f"reading {uri}", field)
+        if refused is None:
+            raise
+        raise StoreRefusedError(refused) from None
     return into / Path(key).name if keys == [key] else into

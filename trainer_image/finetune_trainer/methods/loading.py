@@ -23,6 +23,7 @@ def resolve_model_path(model: ModelSource, store: S3Store, cache_dir: Path) -> s
     """A local folder or hub id that `from_pretrained` can read."""
     source = model.source
     if source.startswith("s3://"):
+        from finetune_trainer.data.errors import DataError
         from finetune_trainer.data.sources import download_s3
 
         target = cache_dir / "base-model"
@@ -30,7 +31,10 @@ def resolve_model_path(model: ModelSource, store: S3Store, cache_dir: Path) -> s
         done = target / ".downloaded"
         with _exclusive(cache_dir / "base-model.lock"):  # the pod's other ranks wait, then reuse it
             if not done.is_file():
-                download_s3(source.rstrip("/") + "/", store, target)
+                try:
+                    download_s3(source.rstrip("/") + "/", store, target, field="model.source")
+                except DataError as exc:  # no such model: a configuration error, not a data one
+                    raise MethodError(str(exc)) from None
                 done.write_text(source)
         return str(target)
     if source.startswith("hf://"):

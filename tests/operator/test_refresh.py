@@ -1,0 +1,71 @@
+"""The periodic refresh over every job: finished jobs cost no request, and one job's failure
+never stops the pass for the others."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from finetune_operator import handlers, metrics
+
+
+def item(name: str, phase: str | None, completed: bool = False) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase} if phase else {}
+    if completed:
+        status["completionTime"] = "2026-12-01T10:00:00Z"
+    return {"metadata": {"namespace": "ns", "name": name}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("job", "refresh"),
+    [
+        (item("new", None), True),
+        (item("training", "Training"), True),
+        (item("suspended", "Suspended"), True),
+        (item("failed-before-launch", "Failed"), True),  # refused specs get no completionTime
+        (item("done", "Succeeded", completed=True), False),
+        (item("failed", "Failed", completed=True), False),
+    ],
+)
+def test_needs_refresh(job: dict[str, Any], refresh: bool) -> None:
+    assert handlers.needs_refresh(job) is refresh
+
+
+class ListingKube:
+    def __init__(self, items: list[dict[str, Any]], stop: threading.Event) -> None:
+        self.items, self.stop, self.lists = items, stop, 0
+
+    def list_job_resources(self, namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+        self.lists += 1
+        self.stop.set()  # one pass
+        return self.items
+
+
+def test_one_failing_job_does_not_stop_the_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    stop = threading.Event()
+    items = [
+        item("a", "Training"),
+        item("broken", "Training"),
+        item("c", "Preparing"),
+        item("d", "Succeeded", True),
+    ]
+    kube = ListingKube(items, stop)
+    monkeypatch.setitem(handlers._state, "kube", kube)
+    monkeypatch.setitem(handlers._state, "settings", SimpleNamespace(namespaces=(), heartbeat_namespace=""))
+    synced: list[str] = []
+
+    def sync(namespace: str, name: str) -> None:
+        synced.append(name)
+        if name == "broken":
+            raise RuntimeError("the API server refused this one")
+
+    monkeypatch.setattr(handlers, "sync_status", sync)
+    before = metrics.SYNC_ERRORS.labels("ns", "broken")._value.get()
+    handlers.refresh_forever(stop, interval=0.01)
+    assert synced == ["a", "broken", "c"], "every unfinished job, none finished"
+    assert metrics.SYNC_ERRORS.labels("ns", "broken")._value.get() == before + 1
+    assert kube.lists == 1, "one listing per pass, shared with the fleet gauge"
+    assert metrics.JOB_PHASE.labels("ns", "d", "Succeeded")._value.get() == 1
