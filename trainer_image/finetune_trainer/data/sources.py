@@ -107,7 +107,8 @@ def s3_client(store: S3Store) -> Any:
         response_checksum_validation=store.checksum_mode,
         retries={"max_attempts": 5, "mode": "standard"},
     )
-    return boto3.client(
+    session = boto3.session.Session()  # credentials read now, not cached from an earlier client
+    return session.client(
         "s3", endpoint_url=store.endpoint or None, region_name=store.region or None, config=config
     )
 
