@@ -666,8 +666,23 @@ class ResourcesSpec(_Model):
         default=1,
         description="Training pods, one per node. More than 1 needs method.type full (DeepSpeed).",
     )
-    cpu: Quantity | None = Field(default=None, description='CPU request per pod, for example "8".')
-    memory: Quantity | None = Field(default=None, description='Memory request per pod, for example "64Gi".')
+    cpu: Quantity | None = Field(
+        default=None, description='CPU request per pod, for example "8"; default 2 per trainer process.'
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description=(
+            'Memory request and limit per pod, for example "64Gi"; default: the operator\'s estimate, '
+            "as a request only. /dev/shm may use half of it."
+        ),
+    )
+    ephemeral_storage: Quantity | None = Field(
+        default=None,
+        description=(
+            'Local disk request per pod (model download, local checkpoints), for example "200Gi"; '
+            "default: the operator's estimate."
+        ),
+    )
     node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
         default_factory=dict,
         description=(

@@ -8,13 +8,16 @@ deleting the job deletes them.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from finetune_operator import api
+from kubernetes.utils.quantity import parse_quantity
+
+from finetune_operator import api, policy
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.policy import MethodDecision, required_secrets
 from finetune_operator.settings import OperatorSettings
@@ -451,6 +454,24 @@ def build_headless_service(job: JobRef, spec: FineTuneJobSpec) -> Manifest | Non
     }
 
 
+def build_network_policy(job: JobRef, settings: OperatorSettings) -> Manifest | None:
+    """Only the job's own pods reach its pods (the rendezvous, and the ports NCCL opens between
+    ranks), and only the metrics scraper (`trainer_metrics_from`) their metrics port. Egress
+    (object store, API server, model hub) stays open."""
+    if not settings.trainer_network_policy:
+        return None
+    own = {"podSelector": {"matchLabels": {JOB_UID_LABEL: job.uid}}}
+    metrics: Manifest = {"ports": [{"protocol": "TCP", "port": settings.trainer_metrics_port}]}
+    if settings.trainer_metrics_from:
+        metrics["from"] = [dict(peer) for peer in settings.trainer_metrics_from]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, child_names(job.name).trainer),
+        "spec": {**own, "policyTypes": ["Ingress"], "ingress": [{"from": [own]}, metrics]},
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The training Job
 
@@ -530,22 +551,35 @@ def processes_per_pod(spec: FineTuneJobSpec) -> int:
     return max(spec.resources.gpus_per_node, 1)
 
 
-def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
-    res = spec.resources
-    requests: dict[str, str] = {}
+def _resources(spec: FineTuneJobSpec, decision: MethodDecision, settings: OperatorSettings) -> dict[str, Any]:
+    """Requests a cluster admin can plan with: CPU per process, host memory and local disk from
+    the operator's estimates (`policy.host_memory_gib`, `policy.local_disk_gib`) unless the spec sets
+    them. A memory limit only where the spec sets the memory: an estimate is no reason to kill."""
+    res, per_pod = spec.resources, processes_per_pod(spec)
+    ranks = res.nodes * per_pod
+    offload = spec.method.deepspeed.offload if spec.method.deepspeed is not None else "none"
+    memory = policy.host_memory_gib(decision, offload, per_pod=per_pod, ranks=ranks, gpus=res.gpus_per_node)
+    disk = policy.local_disk_gib(decision, per_pod=per_pod, ranks=ranks, keep=spec.checkpoints.keep)
+    requests: dict[str, str] = {
+        "cpu": res.cpu or f"{settings.trainer_cpu_per_process * per_pod:g}",
+        "memory": res.memory or f"{math.ceil(memory)}Gi",
+        "ephemeral-storage": res.ephemeral_storage or f"{math.ceil(disk)}Gi",
+    }
     limits: dict[str, str] = {}
-    if res.cpu is not None:
-        requests["cpu"] = res.cpu
     if res.memory is not None:
-        requests["memory"] = limits["memory"] = res.memory
+        limits["memory"] = res.memory
     if res.gpus_per_node > 0:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus_per_node)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
+
+
+def shm_size_limit(memory_limit: str | None) -> str:
+    """/dev/shm is memory: what is written there counts against the pod's memory limit, so it may
+    hold at most half of it (and SHM_SIZE_LIMIT without a limit)."""
+    if memory_limit is None:
+        return SHM_SIZE_LIMIT
+    half = parse_quantity(memory_limit) / 2
+    return SHM_SIZE_LIMIT if half >= parse_quantity(SHM_SIZE_LIMIT) else f"{int(half // 2**20)}Mi"
 
 
 def _container_security_context(settings: OperatorSettings) -> dict[str, Any]:
@@ -571,7 +605,7 @@ def _pod_security_context(settings: OperatorSettings) -> dict[str, Any]:
     }
 
 
-def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(job: JobRef, spec: FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts): the config read-only, and writable emptyDirs for everything else."""
     volumes: list[dict[str, Any]] = [
         {
@@ -585,7 +619,7 @@ def _volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
         # PyTorch data loaders and NCCL share memory through /dev/shm, which defaults to 64 MiB.
-        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size_limit(spec.resources.memory)}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -622,8 +656,15 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def _container(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *, is_cloud: bool) -> Manifest:
-    _, mounts = _volumes(job)
+def _container(
+    job: JobRef,
+    spec: FineTuneJobSpec,
+    decision: MethodDecision,
+    settings: OperatorSettings,
+    *,
+    is_cloud: bool,
+) -> Manifest:
+    _, mounts = _volumes(job, spec)
     container: Manifest = {
         "name": TRAINER_CONTAINER,
         "image": settings.trainer_image,
@@ -637,15 +678,20 @@ def _container(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *
     }
     if spec.resources.nodes > 1 or processes_per_pod(spec) > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
-    resources = _resources(spec)
-    if resources:
-        container["resources"] = resources
+    container["resources"] = _resources(spec, decision, settings)
     return container
 
 
-def _pod_spec(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *, is_cloud: bool) -> Manifest:
+def _pod_spec(
+    job: JobRef,
+    spec: FineTuneJobSpec,
+    decision: MethodDecision,
+    settings: OperatorSettings,
+    *,
+    is_cloud: bool,
+) -> Manifest:
     names = child_names(job.name)
-    volumes, _ = _volumes(job)
+    volumes, _ = _volumes(job, spec)
     pod: Manifest = {
         "serviceAccountName": names.trainer,
         # The trainer patches its progress ConfigMap, so it needs its (narrow) token.
@@ -654,7 +700,7 @@ def _pod_spec(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *,
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "enableServiceLinks": False,
         "securityContext": _pod_security_context(settings),
-        "containers": [_container(job, spec, settings, is_cloud=is_cloud)],
+        "containers": [_container(job, spec, decision, settings, is_cloud=is_cloud)],
         "volumes": volumes,
     }
     if spec.resources.node_selector:
@@ -672,6 +718,7 @@ def _pod_spec(job: JobRef, spec: FineTuneJobSpec, settings: OperatorSettings, *,
 def build_training_job(
     job: JobRef,
     spec: FineTuneJobSpec,
+    decision: MethodDecision,
     settings: OperatorSettings,
     *,
     is_cloud: bool,
@@ -696,7 +743,7 @@ def build_training_job(
         "podFailurePolicy": _pod_failure_policy(),
         "template": {
             "metadata": {"labels": labels(job), "annotations": annotations},
-            "spec": _pod_spec(job, spec, settings, is_cloud=is_cloud),
+            "spec": _pod_spec(job, spec, decision, settings, is_cloud=is_cloud),
         },
     }
     if spec.active_deadline_seconds is not None:
@@ -729,13 +776,14 @@ def build_children(
     config_map = build_config_map(job, config)
     rbac = build_rbac(job, settings.trainer_service_account_annotations)
     children = [*rbac, build_progress_config_map(job), config_map]
-    service = build_headless_service(job, spec)
-    if service is not None:
-        children.append(service)
+    for optional in (build_headless_service(job, spec), build_network_policy(job, settings)):
+        if optional is not None:
+            children.append(optional)
     children.append(
         build_training_job(
             job,
             spec,
+            decision,
             settings,
             is_cloud=is_cloud,
             config_hash=short_hash(config_map["data"][CONFIG_KEY], 16),

@@ -352,6 +352,54 @@ def full_model_states(parameters: float, ranks: int, stage: int, offload: str) -
     return weights, gradients, optimizer
 
 
+# ---------------------------------------------------------------------------------------------
+# Host resources of a trainer pod (CPU memory and local disk), for its requests
+
+
+RUNTIME_GIB_PER_PROCESS = 3.0  # Python, torch and CUDA libraries, the tokenizer and data of a process
+# DeepSpeed's estimators multiply the CPU memory of model states by this, for buffers.
+CPU_BUFFER_FACTOR = 1.5
+OFFLOAD_OPTIMIZER_BYTES = 16.0  # fp32 master weights, Adam moments and fp32 gradients per parameter
+OFFLOAD_PARAMS_BYTES = 2.0  # the 16-bit weights, with optimizer+params under ZeRO-3
+SCRATCH_GIB = 5.0  # tokenized data, logs, the final artifact's temporary files
+
+
+def host_memory_gib(decision: MethodDecision, offload: str, *, per_pod: int, ranks: int, gpus: int) -> float:
+    """CPU memory of one pod: each process's runtime and its 16-bit copy of the weights while
+    loading (QLoRA quantizes on its GPU as it loads); with ZeRO-Offload each process's partition of
+    the model states, as DeepSpeed's own estimators count them (`estimate_zero3_model_states_mem_needs`
+    with zero.Init: 18 bytes per parameter over the nodes, times 1.5). Without GPUs the whole
+    training state lives in CPU memory."""
+    parameters = decision.parameters
+    runtime = RUNTIME_GIB_PER_PROCESS * per_pod
+    if gpus == 0:
+        states = estimate_memory(
+            decision.type, parameters, ranks=ranks, deepspeed_stage=decision.deepspeed_stage
+        )
+        return runtime + per_pod * states.total
+    loading = 0.0 if decision.type == ResolvedMethodType.QLORA else parameters * WEIGHT_BYTES_16BIT
+    offloaded = 0.0
+    if decision.type == ResolvedMethodType.FULL and offload in ("optimizer", "optimizer+params"):
+        per_parameter = OFFLOAD_OPTIMIZER_BYTES + (
+            OFFLOAD_PARAMS_BYTES if offload == "optimizer+params" else 0.0
+        )
+        offloaded = parameters * per_parameter / max(ranks, 1) * CPU_BUFFER_FACTOR
+    return runtime + per_pod * (loading + offloaded) / GIB
+
+
+def local_disk_gib(decision: MethodDecision, *, per_pod: int, ranks: int, keep: int) -> float:
+    """Local disk of one pod: the downloaded base model, and `keep` local checkpoints of each of
+    its processes (the adapters, or for full fine-tuning the 16-bit weights and the process's
+    optimizer partition)."""
+    parameters = decision.parameters
+    model = parameters * WEIGHT_BYTES_16BIT
+    if decision.type == ResolvedMethodType.FULL:
+        checkpoint = model + per_pod * parameters * OPTIMIZER_BYTES / max(ranks, 1)
+    else:
+        checkpoint = per_pod * parameters * LORA_TRAINABLE_FRACTION * (WEIGHT_BYTES_16BIT + OPTIMIZER_BYTES)
+    return SCRATCH_GIB + (model + (keep + 1) * checkpoint) / GIB  # one more: the next is written first
+
+
 def estimate_for(
     spec: FineTuneJobSpec,
     method: ResolvedMethodType,
@@ -393,6 +441,7 @@ class MethodDecision:
     estimate: MemoryEstimate | None = field(default=None, compare=False)
     # The parameter count behind the estimate and where it came from, for the MemoryFits message.
     model_size: str = field(default="", compare=False)
+    parameters: float = field(default=0.0, compare=False)
 
 
 def _choose_stage(spec: FineTuneJobSpec, parameters: float, hw: Hardware) -> tuple[int, MemoryEstimate]:
@@ -422,7 +471,7 @@ def resolve_method(
     read from the model's files; it counts when spec.model.parameters is absent."""
     parameters, size_phrase = model_parameters(spec, settings, model_size)
     decision = _resolve(spec, settings, parameters, size_phrase, cloud_detected=cloud_detected)
-    return replace(decision, model_size=size_phrase)
+    return replace(decision, model_size=size_phrase, parameters=parameters)
 
 
 def _resolve(

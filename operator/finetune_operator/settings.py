@@ -15,7 +15,8 @@
   hf:// models are read from.
 - FINETUNE_OPERATOR_TRAINER_IMAGE (ghcr.io/finetune-dev/finetune-trainer:0.1.0): image of the training pods.
 - FINETUNE_OPERATOR_TRAINER_IMAGE_PULL_POLICY (IfNotPresent): Always, IfNotPresent or Never.
-- FINETUNE_OPERATOR_TRAINER_RUN_AS_USER (1000): non-root uid and gid of the training pods.
+- FINETUNE_OPERATOR_TRAINER_RUN_AS_USER (10001): non-root uid and gid of the training pods.
+- FINETUNE_OPERATOR_TRAINER_CPU_PER_PROCESS (2): CPU request per trainer process when the spec sets none.
 - FINETUNE_OPERATOR_TRAINER_METRICS_PORT (9400): the trainer's Prometheus port (container port `metrics`).
 - FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL (15s): how often Prometheus scrapes trainer pods (the chart
   passes podMonitor.interval); a finished trainer keeps /metrics up this long, so its final values
@@ -30,6 +31,9 @@
 - FINETUNE_OPERATOR_LOG_LEVEL (INFO): DEBUG, INFO, WARNING or ERROR.
 - FINETUNE_OPERATOR_TRAINER_SERVICE_ACCOUNT_ANNOTATIONS ({}): JSON object put on every trainer
   ServiceAccount (e.g. eks.amazonaws.com/role-arn for IAM roles for service accounts).
+- FINETUNE_OPERATOR_TRAINER_NETWORK_POLICY (true), FINETUNE_OPERATOR_TRAINER_METRICS_FROM ([]): a
+  NetworkPolicy per job that admits only the job's own pods, and on the metrics port the peers in
+  this JSON list of NetworkPolicy peers (empty: any source).
 - FINETUNE_OPERATOR_CHECKPOINT_ENDPOINT, _REGION, _PATH_STYLE, _CHECKSUM_MODE: the cluster's S3 store,
   used by jobs whose spec.checkpoints.store.endpoint is empty.
 - FINETUNE_OPERATOR_CHECK_SECRETS (true), FINETUNE_OPERATOR_READ_NODES (true): what the operator's RBAC
@@ -39,7 +43,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -85,7 +89,11 @@ class OperatorSettings(BaseSettings):
         default="IfNotPresent", description="Image pull policy of the trainer container."
     )
     trainer_run_as_user: Annotated[int, Field(ge=1)] = Field(
-        default=1000, description="Non-root user id (also group id) of the trainer."
+        default=10001,
+        description="Non-root user id (also group id) of the trainer; above 10000, clear of host users.",
+    )
+    trainer_cpu_per_process: Annotated[float, Field(gt=0, le=256)] = Field(
+        default=2.0, description="CPU request per trainer process when spec.resources.cpu is unset."
     )
     trainer_metrics_port: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=9400, description="Port of the trainer's Prometheus endpoint."
@@ -119,6 +127,13 @@ class OperatorSettings(BaseSettings):
 
     trainer_service_account_annotations: dict[str, str] = Field(
         default_factory=dict, description="Annotations for every trainer ServiceAccount."
+    )
+    trainer_network_policy: bool = Field(
+        default=True, description="A NetworkPolicy per job: only its own pods and the metrics scraper get in."
+    )
+    trainer_metrics_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="NetworkPolicy peers allowed to scrape trainer metrics (JSON); empty: any source.",
     )
     checkpoint_endpoint: str = Field(default="", description="Default S3 endpoint for checkpoints.")
     checkpoint_region: str = Field(default="", description="Default S3 region for checkpoints.")

@@ -327,7 +327,7 @@ def test_a_store_that_refuses_the_credentials_fails_at_once_naming_the_secret(
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
     assert complete["reason"] == "StoreRefused", complete
     message = complete["message"]
-    assert f"model.source: reading s3://{BUCKET}/" in message and cluster.s3_endpoint in message, message
+    assert f"dataset.source: reading s3://{BUCKET}/" in message and cluster.s3_endpoint in message, message
     assert "SignatureDoesNotMatch" in message and "Secret 's3-wrong'" in message, message
     assert status["restarts"] == 0
     assert len(core.list_namespaced_pod(namespace, label_selector="job-name").items) == 1, "not retried"

@@ -93,6 +93,7 @@ def test_children_in_creation_order_all_owned_by_the_job(
         "RoleBinding/support-bot-trainer",
         "ConfigMap/support-bot-progress",
         "ConfigMap/support-bot-config",
+        "NetworkPolicy/support-bot-trainer",
         "Job/support-bot",
     ]
     for child in children.values():
@@ -313,6 +314,7 @@ def test_pod_failure_policy_fails_fast_resumes_after_preemption(
             ExitCode.DATA_REFUSED,
             ExitCode.CHECKPOINT_RESTORE_FAILED,
             ExitCode.DIVERGED,
+            ExitCode.STORE_REFUSED,
         ]
     )
     assert by_action["Ignore"] == [ExitCode.PREEMPTED_CHECKPOINTED, ExitCode.PREEMPTED_OUTSIDE_TRAINING]
@@ -363,13 +365,25 @@ def test_trainer_container_runs_the_contract(
 @pytest.mark.parametrize(
     ("resources", "requests", "limits"),
     [
-        ({}, {"nvidia.com/gpu": "1"}, {"nvidia.com/gpu": "1"}),
+        # 0.5B LoRA on one GPU: 2 CPUs, 3 GiB runtime + 1 GiB 16-bit weights while loading, the
+        # model and three local checkpoints on disk; a request, no memory limit.
         (
-            {"gpusPerNode": 8, "cpu": "32", "memory": "512Gi"},
-            {"nvidia.com/gpu": "8", "cpu": "32", "memory": "512Gi"},
+            {},
+            {"nvidia.com/gpu": "1", "cpu": "2", "memory": "4Gi", "ephemeral-storage": "7Gi"},
+            {"nvidia.com/gpu": "1"},
+        ),
+        # Per process: 8 GPUs, 8 processes, each loading its own copy.
+        (
+            {"gpusPerNode": 8},
+            {"nvidia.com/gpu": "8", "cpu": "16", "memory": "32Gi", "ephemeral-storage": "9Gi"},
+            {"nvidia.com/gpu": "8"},
+        ),
+        (
+            {"gpusPerNode": 8, "cpu": "32", "memory": "512Gi", "ephemeralStorage": "1Ti"},
+            {"nvidia.com/gpu": "8", "cpu": "32", "memory": "512Gi", "ephemeral-storage": "1Ti"},
             {"nvidia.com/gpu": "8", "memory": "512Gi"},
         ),
-        ({"gpusPerNode": 0, "cpu": "2"}, {"cpu": "2"}, None),
+        ({"gpusPerNode": 0, "cpu": "2"}, {"cpu": "2", "memory": "7Gi", "ephemeral-storage": "7Gi"}, None),
     ],
 )
 def test_resources(
@@ -559,3 +573,35 @@ def test_a_child_of_another_job_is_recognised(child: dict[str, Any] | None, fore
 def test_children_name_their_controller() -> None:
     ref = builders.JobRef(name="bot", namespace="team-a", uid="uid-live")
     assert builders.controller_uid({"metadata": builders._metadata(ref, "bot")}) == "uid-live"
+
+
+@pytest.mark.parametrize(
+    ("memory", "shm"),
+    [(None, "16Gi"), ("64Gi", "16Gi"), ("32Gi", "16Gi"), ("8Gi", "4096Mi"), ("3G", "1430Mi")],
+)
+def test_shared_memory_fits_in_the_memory_limit(
+    spec_dict: Callable[..., Spec], settings: OperatorSettings, job_ref: JobRef, memory: str | None, shm: str
+) -> None:
+    """/dev/shm is RAM charged to the pod: writes there past its memory limit would kill it."""
+    resources = {"memory": memory} if memory else {}
+    pod = pod_spec(children_for(spec_dict(resources=resources), settings, job_ref))
+    volume = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": shm}
+
+
+def test_network_policy_admits_the_jobs_own_pods_and_the_scraper(job_ref: JobRef) -> None:
+    scraper = {
+        "namespaceSelector": {},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    settings = OperatorSettings(trainer_metrics_from=[scraper])
+    policy_ = builders.build_network_policy(job_ref, settings)
+    assert policy_ is not None and policy_["kind"] == "NetworkPolicy"
+    own = {"podSelector": {"matchLabels": {builders.JOB_UID_LABEL: job_ref.uid}}}
+    assert policy_["spec"]["podSelector"] == own["podSelector"]
+    assert policy_["spec"]["policyTypes"] == ["Ingress"], "egress to the store and the hub stays open"
+    peers, metrics = policy_["spec"]["ingress"]
+    assert peers == {"from": [own]}, "every port between the job's own pods (NCCL opens its own)"
+    assert metrics == {"ports": [{"protocol": "TCP", "port": 9400}], "from": [scraper]}
+    assert policy_["metadata"]["ownerReferences"][0]["uid"] == job_ref.uid
+    assert builders.build_network_policy(job_ref, OperatorSettings(trainer_network_policy=False)) is None

@@ -53,3 +53,26 @@ def test_the_message_names_the_ranks_and_the_per_gpu_numbers() -> None:
     text = estimate.describe()
     assert text.startswith("full fine-tuning with ZeRO-2 over 16 GPUs needs about ")
     assert "GiB per GPU: weights 13.0 + gradients 2.4 + optimizer 4.9" in text, text
+
+
+@pytest.mark.parametrize("parameters", SIZES)
+@pytest.mark.parametrize(("nodes", "gpus"), LAYOUTS)
+@pytest.mark.parametrize("offload", ["optimizer", "optimizer+params"])
+def test_zero3_offload_host_memory_matches_deepspeed(
+    parameters: float, nodes: int, gpus: int, offload: str
+) -> None:
+    """The pod's memory request holds what ZeRO-3 moves to the CPU (with zero.Init), beyond the
+    runtime and the 16-bit copy each process loads."""
+    cpu, _, _ = estimate_zero3_model_states_mem_needs(
+        int(parameters),
+        int(parameters * policy.ZERO3_GATHERED_LAYER_FRACTION),
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+        cpu_offload=True,
+        cpu_offload_params=offload == "optimizer+params",
+        zero_init=True,
+    )
+    decision = policy.MethodDecision(ResolvedMethodType.FULL, "", 3, parameters=parameters)
+    total = policy.host_memory_gib(decision, offload, per_pod=gpus, ranks=nodes * gpus, gpus=gpus)
+    loading = gpus * (policy.RUNTIME_GIB_PER_PROCESS + parameters * policy.WEIGHT_BYTES_16BIT / policy.GIB)
+    assert (total - loading) * policy.GIB == pytest.approx(cpu, rel=TOLERANCE)
