@@ -10,10 +10,19 @@ PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
 # Bump when the way the tools are built changes (flags, sources), so caches are rebuilt.
 RECIPE_VERSION=1
 
+# The control plane's tools name the cache directory; checkers added later (kube-score) are built
+# into it too, each with a stamp of its own pins, so adding one does not rebuild the cluster.
+CORE_TOOLS=(etcd helm kubernetes versitygw)
+
 pins_hash() {
   # The pins and the recipe decide what gets built, so they name the cache directory.
-  { cat "$TOOLS_DIR"/*/go.mod "$TOOLS_DIR"/*/go.sum; echo "$RECIPE_VERSION $PROMETHEUS_DEB_VERSION"; } \
-    | sha256sum | cut -c1-16
+  local dir mods=() sums=()
+  for dir in "${CORE_TOOLS[@]}"; do mods+=("$TOOLS_DIR/$dir/go.mod"); sums+=("$TOOLS_DIR/$dir/go.sum"); done
+  { cat "${mods[@]}" "${sums[@]}"; echo "$RECIPE_VERSION $PROMETHEUS_DEB_VERSION"; } | sha256sum | cut -c1-16
+}
+
+checker_stamp() {  # checker_stamp <name>: the hash of its pins, kept next to its binary
+  cat "$TOOLS_DIR/$1/go.mod" "$TOOLS_DIR/$1/go.sum" | sha256sum | cut -c1-16
 }
 
 CACHE_ROOT="${FINETUNE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/tools}"
@@ -72,6 +81,11 @@ build_versitygw() {
     github.com/versity/versitygw/cmd/versitygw)
 }
 
+build_checker() {  # build_checker <name> <package>
+  (cd "$TOOLS_DIR/$1" && go build -trimpath -ldflags "-s -w" -o "$BIN_DIR/$1" "$2")
+  checker_stamp "$1" > "$BIN_DIR/$1.pins"
+}
+
 fetch_deb() {  # fetch_deb <package> <version> <binary...>: Debian's package, unpacked into the cache
   # No root and no system service; only the binaries are kept.
   local package="$1" version="$2" work binary
@@ -109,6 +123,10 @@ if need prometheus promtool; then
   built=1
 fi
 if need tini; then timed tini fetch_deb tini "$TINI_DEB_VERSION" tini; built=1; fi
+if need kube-score || [[ "$(cat "$BIN_DIR/kube-score.pins" 2>/dev/null)" != "$(checker_stamp kube-score)" ]]; then
+  timed kube-score build_checker kube-score github.com/zegl/kube-score/cmd/kube-score
+  built=1
+fi
 
 if [[ $built == 0 ]]; then
   echo "tools up to date in $BIN_DIR"

@@ -457,7 +457,7 @@ def build_headless_service(job: JobRef, spec: FineTuneJobSpec) -> Manifest | Non
 def build_network_policy(job: JobRef, settings: OperatorSettings) -> Manifest | None:
     """Only the job's own pods reach its pods (the rendezvous, and the ports NCCL opens between
     ranks), and only the metrics scraper (`trainer_metrics_from`) their metrics port. Egress
-    (object store, API server, model hub) stays open."""
+    (object store, API server, model hub) stays open, as a rule of its own that admins can narrow."""
     if not settings.trainer_network_policy:
         return None
     own = {"podSelector": {"matchLabels": {JOB_UID_LABEL: job.uid}}}
@@ -468,7 +468,12 @@ def build_network_policy(job: JobRef, settings: OperatorSettings) -> Manifest | 
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": _metadata(job, child_names(job.name).trainer),
-        "spec": {**own, "policyTypes": ["Ingress"], "ingress": [{"from": [own]}, metrics]},
+        "spec": {
+            **own,
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [own]}, metrics],
+            "egress": [{}],
+        },
     }
 
 

@@ -107,8 +107,8 @@ def test_operator_runs_restricted(render: Render, profile: str) -> None:
     env = env_of(objects)
     assert str(ports["health"]) == env["FINETUNE_OPERATOR_HEALTH_PORT"]
     assert str(ports["metrics"]) == env["FINETUNE_OPERATOR_METRICS_PORT"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["tcpSocket"]["port"] in ports, "ready once it serves"
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
 

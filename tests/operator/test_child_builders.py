@@ -599,7 +599,8 @@ def test_network_policy_admits_the_jobs_own_pods_and_the_scraper(job_ref: JobRef
     assert policy_ is not None and policy_["kind"] == "NetworkPolicy"
     own = {"podSelector": {"matchLabels": {builders.JOB_UID_LABEL: job_ref.uid}}}
     assert policy_["spec"]["podSelector"] == own["podSelector"]
-    assert policy_["spec"]["policyTypes"] == ["Ingress"], "egress to the store and the hub stays open"
+    assert policy_["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy_["spec"]["egress"] == [{}], "egress to the store and the hub stays open"
     peers, metrics = policy_["spec"]["ingress"]
     assert peers == {"from": [own]}, "every port between the job's own pods (NCCL opens its own)"
     assert metrics == {"ports": [{"protocol": "TCP", "port": 9400}], "from": [scraper]}
