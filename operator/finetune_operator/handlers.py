@@ -177,8 +177,10 @@ def _reconcile_launched(body: dict[str, Any], raw_spec: Mapping[str, Any], job: 
         _event(body, "Warning", reason="SpecChangeIgnored", message=launched.change_message(changed))
     finished = st.phase_from_job(job.get("status")) in (Phase.SUCCEEDED, Phase.FAILED)
     suspend = bool(raw_spec.get("suspend"))
-    if not finished and bool(job["spec"].get("suspend")) != suspend:
-        _kube().patch_job_suspend(namespace, job["metadata"]["name"], suspend)
+    if not finished:
+        _restore_children(body, job)
+        if bool(job["spec"].get("suspend")) != suspend:
+            _kube().patch_job_suspend(namespace, job["metadata"]["name"], suspend)
 
     def build(fresh: dict[str, Any]) -> dict[str, Any]:
         applied = st.condition(
@@ -194,6 +196,58 @@ def _reconcile_launched(body: dict[str, Any], raw_spec: Mapping[str, Any], job: 
         return st.status_patch(generation=generation, conditions=conditions, phase=phase)
 
     _update_status(namespace, name, build)
+
+
+def _restore_children(body: Mapping[str, Any], job: Mapping[str, Any]) -> None:
+    """Level-based: a child of a running job that is gone (deleted by hand, or collected while
+    the job was being re-created) is made again as it was launched, from the method recorded in
+    status; the Job's pods need their ServiceAccount and ConfigMaps to start."""
+    decision = launched.decision_from_status(body.get("status") or {})
+    try:
+        spec = api.parse_spec(body["spec"])
+    except ValidationError:
+        return
+    if decision is None:
+        return
+    ref = builders.JobRef.from_metadata(body["metadata"])
+    cloud = launched.launched_in_cloud(job)
+    children, problem = launched.restorable(
+        builders.build_children(ref, spec, decision, _settings(), is_cloud=cloud), job
+    )
+    restored = [f"{c['kind']} {c['metadata']['name']}" for c in children if _kube().create_if_absent(c)]
+    if restored:
+        message = f"re-created {', '.join(restored)}: deleted while the job ran"
+        _event(body, "Normal", reason="ChildRestored", message=message)
+    if problem:
+        _event(body, "Warning", reason="ChildNotRestored", message=problem)
+
+
+@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=MANAGED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+def child_deleted(type: str, meta: kopf.Meta, **_: Any) -> None:
+    """A deleted child of a live, launched job comes back (ConfigMaps: see `child_changed`)."""
+    if type == "DELETED":
+        _restore_after_deletion(meta)
+
+
+def _restore_after_deletion(meta: Mapping[str, Any]) -> None:
+    owner, namespace = _owner_name(meta), meta.get("namespace")
+    if not owner or not namespace:
+        return
+    body = _kube().read_job_resource(str(namespace), owner)
+    job = _kube().read_job(str(namespace), builders.child_names(owner).job)
+    if body is None or job is None or builders.foreign_owner(job, body["metadata"]["uid"]) is not None:
+        return  # its job is gone too (garbage collection), or not launched: reconcile owns it
+    if body["metadata"].get("deletionTimestamp") or job["metadata"].get("deletionTimestamp"):
+        return  # being deleted: its children go first (foreground deletion)
+    if builders.foreign_owner(dict(meta), body["metadata"]["uid"]) is not None:
+        return  # a child of a deleted job of the same name
+    if st.phase_from_job(job.get("status")) not in (Phase.SUCCEEDED, Phase.FAILED):
+        with metrics.observed("restore_children"):
+            _restore_children(body, job)
 
 
 def _preflight_conditions(
@@ -402,11 +456,13 @@ def _owner_through_job(meta: Mapping[str, Any]) -> str | None:
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-def child_changed(meta: kopf.Meta, **_: Any) -> None:
+def child_changed(type: str, meta: kopf.Meta, resource: kopf.Resource, **_: Any) -> None:
     metrics.watch_event_seen()
     if meta.get("name") == HEARTBEAT and meta.get("namespace") == _settings().heartbeat_namespace:
         _state["heartbeat_seen"] = time.monotonic()
         return
+    if type == "DELETED" and resource.plural == "configmaps":
+        _restore_after_deletion(meta)
     owner = _owner_name(meta) or _owner_through_job(meta)
     if owner and meta.get("namespace"):
         with metrics.observed("sync_status"):
@@ -589,10 +645,33 @@ def _status_from_children(
                 "Complete", phase == Phase.SUCCEEDED, reason, message, generation=generation, now=now
             ),
         )
+    conditions = _pods_created_condition(job, pods, conditions, generation, now)
+    refused = next(
+        (c for c in conditions if c.get("type") == "PodsCreated" and c.get("status") == "False"), None
+    )
+    if refused is not None and phase == Phase.PENDING:
+        patch["message"] = refused["message"]
     conditions = _data_condition(body, report, conditions, generation, now)
     conditions = _predictions_condition(report, conditions, generation, now)
     patch["conditions"] = conditions
     return patch
+
+
+def _pods_created_condition(
+    job: Mapping[str, Any],
+    pods: list[dict[str, Any]],
+    conditions: list[dict[str, Any]],
+    generation: int,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """PodsCreated=False while the Job controller is refused (read from its events only then)."""
+    if st.pods_missing(job, pods, now):
+        refusals = _kube().job_refusals(job["metadata"]["namespace"], job["metadata"]["uid"])
+        return st.set_condition(conditions, st.pods_condition(refusals, generation=generation, now=now))
+    created = next((c for c in conditions if c.get("type") == "PodsCreated"), None)
+    if pods and created is not None and created.get("status") == "False":
+        return st.set_condition(conditions, st.pods_condition([], generation=generation, now=now))
+    return conditions
 
 
 def _data_condition(

@@ -163,6 +163,14 @@ class Kube:
             items += found.get("items", [])
         return items
 
+    def job_refusals(self, namespace: str, job_uid: str) -> list[str]:
+        """The Job controller's FailedCreate messages about a Job, oldest first."""
+        events = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate"
+        ).items
+        events.sort(key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp))
+        return [str(e.message or "") for e in events]
+
     def event(self, body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         """A core/v1 Event about the FineTuneJob, as `kubectl describe ftj` shows them."""
         meta = body["metadata"]

@@ -1,4 +1,5 @@
-"""What may change once a job has launched: only `spec.suspend`.
+"""What may change once a job has launched (only `spec.suspend`), and how its missing children
+are restored as they were launched.
 
 A running trainer read its config when it started, and a Job's pod template cannot change, so any
 other edit could only apply to some pods of a run (the retries, the next resume) and not to others.
@@ -14,7 +15,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_operator.builders import short_hash
+from finetune_operator.api import ResolvedMethodType
+from finetune_operator.builders import CONFIG_HASH_ANNOTATION, CONFIG_KEY, Manifest, short_hash
+from finetune_operator.policy import MethodDecision
 
 SPEC_ANNOTATION = "finetune.dev/spec-fingerprints"
 MUTABLE = frozenset({"suspend"})
@@ -68,3 +71,46 @@ def change_message(fields: list[str]) -> str:
         "(only spec.suspend may change once launched; fix: undo the change, or delete the job and "
         "create it again with spec.resumeFrom: <status.checkpoint.uri> to continue from its last checkpoint)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Children of a launched job that went missing
+
+
+def decision_from_status(status: Mapping[str, Any]) -> MethodDecision | None:
+    """The method decided at launch, as recorded in status.method; None if none was recorded."""
+    method = status.get("method") or {}
+    try:
+        kind = ResolvedMethodType(str(method.get("type")))
+    except ValueError:
+        return None
+    stage = method.get("deepspeedStage")
+    return MethodDecision(kind, str(method.get("reason") or ""), int(stage) if stage else None)
+
+
+def launched_in_cloud(job: Mapping[str, Any]) -> bool:
+    """IS_CLOUD as the Job's pods got it."""
+    containers = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+    env = {e.get("name"): e.get("value") for c in containers for e in c.get("env") or []}
+    return env.get("IS_CLOUD") == "true"
+
+
+def restorable(children: list[Manifest], job: Mapping[str, Any]) -> tuple[list[Manifest], str]:
+    """The children to re-create if missing (all but the Job), and why the trainer config is not
+    among them when it would differ from the one the Job's pods read (a changed operator setting)."""
+    template = ((job.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    launched_hash = (template.get("annotations") or {}).get(CONFIG_HASH_ANNOTATION)
+    out, problem = [], ""
+    for child in children:
+        if child["kind"] == "Job":
+            continue
+        config = (child.get("data") or {}).get(CONFIG_KEY) if child["kind"] == "ConfigMap" else None
+        if config is not None and short_hash(config, 16) != launched_hash:
+            problem = (
+                f"ConfigMap {child['metadata']['name']} cannot be re-created as the Job's pods read "
+                "it (the operator's settings changed since launch); new pods cannot start (fix: "
+                "delete the job and create it again)"
+            )
+            continue
+        out.append(child)
+    return out, problem

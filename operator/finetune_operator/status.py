@@ -274,6 +274,34 @@ def secret_step(facts: SecretFacts) -> SecretStep:
     )
 
 
+POD_CREATION_GRACE_S = 20.0  # the Job controller creates pods within seconds when it can
+
+
+def pods_missing(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], now: datetime) -> bool:
+    """A running Job that has had time to create its pods but has none: the Job controller was
+    refused (a missing ServiceAccount, a quota, an admission policy) and says why in its events."""
+    spec, status = job.get("spec") or {}, job.get("status") or {}
+    if spec.get("suspend") or pods or int(status.get("active") or 0) > 0:
+        return False
+    if _job_condition(status, "Complete") or _job_condition(status, "Failed"):
+        return False
+    since = status.get("startTime") or (job.get("metadata") or {}).get("creationTimestamp")
+    if not since:
+        return False
+    started = datetime.fromisoformat(str(since).replace("Z", "+00:00"))
+    return (now - started).total_seconds() > POD_CREATION_GRACE_S
+
+
+def pods_condition(refusals: Sequence[str], *, generation: int, now: datetime) -> Patch:
+    """PodsCreated: False with the Job controller's own words while it cannot create pods."""
+    if not refusals:
+        return condition(
+            "PodsCreated", True, "Created", "the Job's pods were created", generation=generation, now=now
+        )
+    message = f"the Job controller cannot create the trainer pod: {refusals[-1]}"
+    return condition("PodsCreated", False, "FailedCreate", message, generation=generation, now=now)
+
+
 def explain_exit_code(code: int) -> str:
     meaning = EXIT_CODE_MEANINGS.get(code, "the trainer exited with an unexpected code")
     return f"exit code {code}: {meaning}"

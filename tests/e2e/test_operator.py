@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -231,6 +232,74 @@ def test_a_launched_job_keeps_its_spec_and_names_the_edit(
         GROUP, VERSION, namespace, PLURAL, "locked", {"spec": {"hyperparameters": {"learningRate": None}}}
     )
     spec_applied("True")
+
+
+def test_children_deleted_under_a_launched_job_come_back_as_they_were(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    """A pod of the Job needs its ServiceAccount and ConfigMaps to start: deleted by hand (or by the
+    garbage collector after a quick delete and re-create), they are made again, unchanged."""
+    make_secrets(core, namespace)
+    launch_suspended(kube, namespace, "mended")
+    uid = get_ftj(kube, namespace, "mended")["metadata"]["uid"]
+    networking = client.NetworkingV1Api(kube)
+    config = core.read_namespaced_config_map("mended-config", namespace)
+    sa = core.read_namespaced_service_account("mended-trainer", namespace)
+    policy_ = networking.read_namespaced_network_policy("mended-trainer", namespace)
+    core.delete_namespaced_config_map("mended-config", namespace)
+    core.delete_namespaced_service_account("mended-trainer", namespace)
+    networking.delete_namespaced_network_policy("mended-trainer", namespace)
+
+    def back(read: Callable[[], Any], old_uid: str) -> Any:
+        def check() -> Any:
+            try:
+                found = read()
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return found if found.metadata.uid != old_uid else None
+
+        return wait_for(check, 30, "the deleted child to be re-created")
+
+    new_config = back(
+        lambda: core.read_namespaced_config_map("mended-config", namespace), config.metadata.uid
+    )
+    assert new_config.data == config.data, "the config the Job's pods read, not a new rendering"
+    assert new_config.metadata.owner_references[0].uid == uid
+    back(lambda: core.read_namespaced_service_account("mended-trainer", namespace), sa.metadata.uid)
+    back(lambda: networking.read_namespaced_network_policy("mended-trainer", namespace), policy_.metadata.uid)
+    events = events_for(core, namespace, "mended")
+    assert any(e.startswith("ChildRestored") and "ServiceAccount mended-trainer" in e for e in events), events
+
+
+def test_a_pod_the_cluster_refuses_shows_in_status_with_the_reason(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    """A quota (or a missing ServiceAccount, an admission policy) that stops the Job controller from
+    creating the trainer pod is in the job's status, in the controller's own words."""
+    make_secrets(core, namespace)
+    quota = {"metadata": {"name": "small"}, "spec": {"hard": {"requests.cpu": "1"}}}
+    core.create_namespaced_resource_quota(namespace, quota)
+    wait_for(
+        lambda: core.read_namespaced_resource_quota("small", namespace).status.hard or None,
+        30,
+        "the quota to be counted",
+    )
+    custom(kube).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, ftj("quota", suspend=False)
+    )
+
+    def refused() -> dict[str, Any] | None:
+        obj = get_ftj(kube, namespace, "quota")
+        cond = condition(obj, "PodsCreated")
+        return obj if cond and cond["status"] == "False" else None
+
+    obj = wait_for(refused, 90, "PodsCreated=False")
+    message = condition(obj, "PodsCreated")["message"]  # type: ignore[index]
+    assert "exceeded quota: small" in message and "requests.cpu=2" in message, message
+    assert obj["status"]["phase"] == "Pending" and obj["status"]["message"] == message
+    assert not core.list_namespaced_pod(namespace).items, "premise: no pod was created"
 
 
 HOLD = "finetune.dev/test-hold"  # keeps a deleted job's Job around, as a slow garbage collector would

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from finetune_operator import launched
+from finetune_operator import api, builders, launched, policy
+from finetune_operator.settings import OperatorSettings
 
 SPEC: dict[str, Any] = {
     "model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"},
@@ -62,3 +63,61 @@ def test_the_record_is_small_and_holds_no_values() -> None:
 def test_a_job_made_before_the_record_has_none() -> None:
     assert launched.recorded({"metadata": {"annotations": {}}}) is None
     assert launched.recorded({"metadata": {"annotations": {launched.SPEC_ANNOTATION: "not json"}}}) is None
+
+
+def launched_children(settings_changes: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
+    spec = api.parse_spec(
+        {
+            **{k: v for k, v in SPEC.items() if k != "hyperparameters"},
+            "goal": {"task": "answer tickets", "metrics": ["exact_match"]},
+            "model": {"source": "hf://Qwen/Qwen2.5-0.5B", "parameters": "0.5B"},
+            "checkpoints": {"store": {"bucket": "ckpt"}},
+        }
+    )
+    ref = builders.JobRef(name="bot", namespace="ns", uid="u1")
+    settings = OperatorSettings(gpu_memory_gib=24)
+    decision = policy.resolve_method(spec, settings)
+    at_launch = builders.build_children(ref, spec, decision, settings, is_cloud=True)
+    job = next(c for c in at_launch if c["kind"] == "Job")
+    status = {"method": {"type": decision.type.value, "reason": decision.reason}}
+    recorded = launched.decision_from_status(status)
+    assert recorded is not None and launched.launched_in_cloud(job)
+    later = OperatorSettings(gpu_memory_gib=24, **(settings_changes or {}))
+    return builders.build_children(ref, spec, recorded, later, is_cloud=True), job
+
+
+def test_missing_children_are_restored_as_launched_but_never_the_job() -> None:
+    children, job = launched_children()
+    restorable, problem = launched.restorable(children, job)
+    assert [c["kind"] for c in restorable] == [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "ConfigMap",
+        "NetworkPolicy",
+    ]
+    assert problem == ""
+
+
+def test_a_config_that_would_differ_from_the_launched_one_is_not_restored() -> None:
+    children, job = launched_children({"trainer_metrics_port": 9500})
+    restorable, problem = launched.restorable(children, job)
+    assert "ConfigMap bot-config cannot be re-created as the Job's pods read it" in problem
+    assert "bot-config" not in [c["metadata"]["name"] for c in restorable]
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({}, None),
+        ({"method": {"type": "auto"}}, None),
+        ({"method": {"type": "qlora", "reason": "on-prem"}}, ("qlora", None)),
+        ({"method": {"type": "full", "reason": "cloud", "deepspeedStage": 3}}, ("full", 3)),
+    ],
+)
+def test_the_method_decided_at_launch_is_read_back(
+    status: dict[str, Any], expected: tuple[str, int | None] | None
+) -> None:
+    decision = launched.decision_from_status(status)
+    assert (None if decision is None else (decision.type.value, decision.deepspeed_stage)) == expected

@@ -362,3 +362,42 @@ def test_secret_step(
     normal, warning = events
     assert (normal in step.event, warning in step.warning) == (True, True)
     assert bool(step.event) == bool(normal) and bool(step.warning) == bool(warning)
+
+
+NOW = datetime(2026, 12, 2, 8, 0, 30, tzinfo=UTC)
+
+
+def batch_job(
+    suspend: bool = False, start: str | None = "2026-12-02T08:00:00Z", **status_: Any
+) -> dict[str, Any]:
+    status_fields = {"startTime": start, **status_} if start else dict(status_)
+    return {
+        "metadata": {"creationTimestamp": "2026-12-02T08:00:00Z"},
+        "spec": {"suspend": suspend},
+        "status": status_fields,
+    }
+
+
+@pytest.mark.parametrize(
+    ("job", "pods", "now", "missing"),
+    [
+        (batch_job(), [], NOW, True),
+        (batch_job(), [], datetime(2026, 12, 2, 8, 0, 10, tzinfo=UTC), False),  # give it a moment
+        (batch_job(), [{"metadata": {"name": "p"}}], NOW, False),
+        (batch_job(active=1), [], NOW, False),
+        (batch_job(suspend=True), [], NOW, False),
+        (batch_job(conditions=[{"type": "Complete", "status": "True"}]), [], NOW, False),
+        (batch_job(start=None), [], NOW, True),  # from the Job's creation
+    ],
+)
+def test_pods_missing(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime, missing: bool) -> None:
+    assert status.pods_missing(job, pods, now) is missing
+
+
+def test_pods_condition_quotes_the_job_controller() -> None:
+    refused = status.pods_condition(
+        ['pods "bot-x" is forbidden: exceeded quota: small'], generation=2, now=T0
+    )
+    assert (refused["status"], refused["reason"]) == ("False", "FailedCreate")
+    assert refused["message"].endswith("exceeded quota: small")
+    assert status.pods_condition([], generation=2, now=T0)["status"] == "True"
