@@ -81,7 +81,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = SpecFingerprintStorage(
         prefix="finetune.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
@@ -99,6 +99,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     refresher = contextvars.copy_context()
     threading.Thread(target=refresher.run, args=(refresh_forever, stop), name="refresh", daemon=True).start()
     log.info("finetune-operator starting: %s", _runtime_flags(operator_settings))
+
+
+class SpecFingerprintStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf keeps the last handled spec in an annotation, to tell what changed; a spec at the
+    schema's maximum sizes (about 1 MB of prompts, scenarios and env) would not fit in the 256 KiB
+    that all annotations share. The handlers only need to know which field changed, so a short hash
+    of each field (`launched.fingerprints`) stands in for the spec."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        return {"spec": launched.fingerprints(essence.get("spec") or {}, mutable=True)}
 
 
 def _runtime_flags(settings: OperatorSettings) -> str:

@@ -33,10 +33,10 @@ def _leaves(value: Any, path: str, depth: int) -> dict[str, Any]:
     return out
 
 
-def fingerprints(spec: Mapping[str, Any]) -> dict[str, str]:
-    """A hash of each field of the spec (two levels deep), `suspend` left out."""
+def fingerprints(spec: Mapping[str, Any], *, mutable: bool = False) -> dict[str, str]:
+    """A hash of each field of the spec (two levels deep), `suspend` left out unless `mutable`."""
     fields: dict[str, Any] = {}
-    for key in sorted(set(spec) - MUTABLE):
+    for key in sorted(set(spec) - (set() if mutable else MUTABLE)):
         fields.update(_leaves(spec[key], f"spec.{key}", _DEPTH - 1))
     return {path: short_hash(json.dumps(value, sort_keys=True)) for path, value in fields.items()}
 

@@ -302,6 +302,58 @@ def test_a_pod_the_cluster_refuses_shows_in_status_with_the_reason(
     assert not core.list_namespaced_pod(namespace).items, "premise: no pod was created"
 
 
+def test_a_spec_at_the_schemas_largest_sizes_reconciles(
+    kube: client.ApiClient, core: client.CoreV1Api, operator: Any, namespace: str
+) -> None:
+    """About 1 MB of prompts, scenarios and env: more than the 256 KiB all annotations share, so the
+    operator's record of the last handled spec must not be the spec itself."""
+    make_secrets(core, namespace)
+    text = "Which group do these words belong to? " + "word " * 812  # 4096 characters, the most
+    assert len(text[:4096]) == 4096
+    big = ftj(
+        "largest",
+        validation={
+            "prompts": [text[:4096]] * 32,
+            "heldOutScenarios": [{"prompt": text[:4096], "expect": text[:4096]}] * 64,
+        },
+        env=[
+            {"name": "SUPABASE_SERVICE_ROLE_KEY", "secretKeyRef": {"name": "persistence", "key": "key"}},
+            *({"name": f"EXTRA_SETTING_{i}", "value": "x" * 4096} for i in range(63)),
+        ],
+    )
+    assert len(json.dumps(big["spec"])) > 800_000, "premise: far above the annotations' 256 KiB"
+    custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, big)
+    wait_for(lambda: client.BatchV1Api(kube).list_namespaced_job(namespace).items, 60, "the Job of largest")
+    handled = "finetune.dev/last-handled-configuration"
+    obj = wait_for(
+        lambda: (
+            (o := get_ftj(kube, namespace, "largest"))["metadata"].get("annotations", {}).get(handled) and o
+        ),
+        30,
+        "the operator to record the spec as handled",
+    )
+    annotations = obj["metadata"]["annotations"]
+    assert sum(len(k) + len(v) for k, v in annotations.items()) < 16_384, sorted(annotations)
+    custom(kube).patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "largest",
+        {"spec": {"validation": {"prompts": [text[:4096]] * 31}}},
+    )
+    changed = wait_for(
+        lambda: (
+            (c := condition(get_ftj(kube, namespace, "largest"), "SpecApplied"))
+            and c["status"] == "False"
+            and c
+        ),
+        30,
+        "the edit to be handled",
+    )
+    assert "spec.validation.prompts changed" in changed["message"]
+
+
 HOLD = "finetune.dev/test-hold"  # keeps a deleted job's Job around, as a slow garbage collector would
 
 
