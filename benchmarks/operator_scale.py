@@ -29,7 +29,7 @@ from kubernetes import client, config, watch
 from machine import describe
 from urllib3.exceptions import ProtocolError
 
-from finetune_operator import api, builders
+from finetune_operator import api, builders, policy
 from finetune_operator.settings import OperatorSettings
 from localcluster import ClusterInfo, ClusterOptions, LocalCluster
 from localcluster.processes import free_port, port_open
@@ -190,11 +190,37 @@ def direct_job(namespace: str, name: str) -> dict[str, Any]:
     collector would delete a Job whose owner does not exist)."""
     settings = OperatorSettings(environment=api.Environment.ONPREM, gpu_memory_gib=80)
     ref = builders.JobRef(name=name, namespace=namespace, uid=f"direct-{name}")
+    spec = api.parse_spec(job_spec())
+    decision = policy.resolve_method(spec, settings)
     manifest = builders.build_training_job(
-        ref, api.parse_spec(job_spec()), settings, is_cloud=False, config_hash="direct"
+        ref, spec, decision, settings, is_cloud=False, config_hash="direct"
     )
     del manifest["metadata"]["ownerReferences"]
     return manifest
+
+
+def apiserver_requests(info: ClusterInfo) -> dict[str, float]:
+    """The API server's own count of the requests it served, by verb (all clients: the operator,
+    and the controllers, whose share is small for suspended Jobs)."""
+    raw = subprocess.run(
+        [str(tool("kubectl")), "--kubeconfig", info.kubeconfig, "get", "--raw", "/metrics"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    counts: dict[str, float] = {}
+    for line in raw.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels, value = line.rsplit(" ", 1)
+            verb = labels.split('verb="', 1)[1].split('"', 1)[0]
+            counts[verb] = counts.get(verb, 0.0) + float(value)
+    return counts
+
+
+def per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> str:
+    verbs = {v: (after.get(v, 0.0) - before.get(v, 0.0)) / jobs for v in sorted(after)}
+    shown = ", ".join(f"{v} {n:.1f}" for v, n in verbs.items() if n >= 0.05)
+    return f"{sum(verbs.values()):.1f} API requests per job ({shown})"
 
 
 def main() -> None:
@@ -227,10 +253,13 @@ def main() -> None:
                 )
 
             with running_operator(info, Path(tmp) / "operator.log") as operator:
+                before = apiserver_requests(info)
                 ours = timed_creation(kube, "bench-operator", names, create_ftj, args.workers)
+                ours_requests = per_job(before, apiserver_requests(info), args.jobs)
                 rss = peak_rss_mib(operator.pid)
 
             batch = client.BatchV1Api(kube)
+            before = apiserver_requests(info)
             floor = timed_creation(
                 kube,
                 "bench-direct",
@@ -238,11 +267,14 @@ def main() -> None:
                 lambda name: batch.create_namespaced_job("bench-direct", direct_job("bench-direct", name)),
                 args.workers,
             )
+            floor_requests = per_job(before, apiserver_requests(info), args.jobs)
     print(describe())
     print(memory_line())
     print(f"jobs={args.jobs}, submitted by {args.workers} concurrent clients, suspended (no pods)")
     print(f"operator: {ours.describe()}, operator peak RSS {rss:.0f} MiB")
+    print(f"          {ours_requests}")
     print(f"direct:   {floor.describe()}")
+    print(f"          {floor_requests}")
     print(f"ratio={ours.total / floor.total:.2f} (operator vs direct Job creation, {args.jobs} jobs)")
 
 

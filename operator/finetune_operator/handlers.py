@@ -148,15 +148,14 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
     except ValidationError as exc:
         _refuse_spec(body, namespace, name, generation, exc)
         return
-    preflight = _preflight(spec, namespace)
+    preflight, secret_versions = _preflight(spec, namespace)
     for finding in preflight.warnings:
         _event(body, "Warning", reason=finding.reason, message=finding.message)
     if preflight.refused:
         _refuse_preflight(body, namespace, name, generation, preflight)
         return
-    _wait_for_foreign_children(meta, spec, preflight, existing)
+    _create_children(meta, raw_spec, spec, preflight, secret_versions, existing)
     _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
-    _apply_children(meta, raw_spec, spec, preflight)
 
     def build(fresh: dict[str, Any]) -> dict[str, Any]:
         old = fresh.get("status") or {}
@@ -172,7 +171,7 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
             patch["message"] = ""  # its own children exist now
         return patch
 
-    _update_status(namespace, name, build)
+    _update_status(namespace, name, build, first=live)
 
 
 def _reconcile_launched(body: dict[str, Any], raw_spec: Mapping[str, Any], job: Mapping[str, Any]) -> None:
@@ -233,29 +232,24 @@ def _restore_children(body: Mapping[str, Any], job: Mapping[str, Any]) -> None:
         _event(body, "Warning", reason="ChildNotRestored", message=problem)
 
 
-@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=MANAGED)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=MANAGED)
-@kopf.on.event("", "v1", "services", labels=MANAGED)
-@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-def child_deleted(type: str, meta: kopf.Meta, **_: Any) -> None:
-    """A deleted child of a live, launched job comes back (ConfigMaps: see `child_changed`)."""
-    if type == "DELETED":
-        _restore_after_deletion(meta)
-
-
 def _restore_after_deletion(meta: Mapping[str, Any]) -> None:
+    """A deleted ConfigMap of a live, launched job comes back at once (the operator watches
+    ConfigMaps); other children on the next restoring pass of the refresh loop."""
     owner, namespace = _owner_name(meta), meta.get("namespace")
     if not owner or not namespace:
         return
     body = _kube().read_job_resource(str(namespace), owner)
-    job = _kube().read_job(str(namespace), builders.child_names(owner).job)
-    if body is None or job is None or builders.foreign_owner(job, body["metadata"]["uid"]) is not None:
+    if body is not None and builders.foreign_owner(dict(meta), body["metadata"]["uid"]) is None:
+        _restore_if_running(body)
+
+
+def _restore_if_running(body: Mapping[str, Any]) -> None:
+    meta = body["metadata"]
+    job = _kube().read_job(meta["namespace"], builders.child_names(meta["name"]).job)
+    if job is None or builders.foreign_owner(job, meta["uid"]) is not None:
         return  # its job is gone too (garbage collection), or not launched: reconcile owns it
-    if body["metadata"].get("deletionTimestamp") or job["metadata"].get("deletionTimestamp"):
+    if meta.get("deletionTimestamp") or job["metadata"].get("deletionTimestamp"):
         return  # being deleted: its children go first (foreground deletion)
-    if builders.foreign_owner(dict(meta), body["metadata"]["uid"]) is not None:
-        return  # a child of a deleted job of the same name
     if st.phase_from_job(job.get("status")) not in (Phase.SUCCEEDED, Phase.FAILED):
         with metrics.observed("restore_children"):
             _restore_children(body, job)
@@ -281,12 +275,16 @@ class Plan:
 
 
 def _update_status(
-    namespace: str, name: str, build: Callable[[dict[str, Any]], dict[str, Any] | Plan | None]
+    namespace: str,
+    name: str,
+    build: Callable[[dict[str, Any]], dict[str, Any] | Plan | None],
+    first: dict[str, Any] | None = None,
 ) -> None:
-    """Builds a status patch from a fresh read and writes it only if nothing changed in between:
-    the operator's handlers run concurrently, and a merge patch replaces whole lists (conditions)."""
-    for _ in range(5):
-        body = _kube().read_job_resource(namespace, name)
+    """Builds a status patch from a fresh read (or `first`, read just before) and writes it only if
+    nothing changed in between: the operator's handlers run concurrently, and a merge patch
+    replaces whole lists (conditions)."""
+    for attempt in range(5):
+        body = first if attempt == 0 and first is not None else _kube().read_job_resource(namespace, name)
         if body is None:
             return
         built = build(body)
@@ -301,39 +299,39 @@ def _update_status(
     raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing; retrying", delay=2)
 
 
-def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> policy.Preflight:
+def _preflight(spec: api.FineTuneJobSpec, namespace: str) -> tuple[policy.Preflight, dict[str, str]]:
+    """The checks before launch, and the resourceVersion of each referenced Secret (for the hash
+    that tells a rotation later)."""
     names = {ref.name for ref in policy.required_secrets(spec)}
+    versions: dict[str, str] = {}
     if _settings().check_secrets:
-        secret_keys, _ = _kube().secret_keys(namespace, names)
+        secret_keys, versions = _kube().secret_keys(namespace, names)
     else:  # not allowed to read Secrets: pods wait for missing ones instead (FailedMount events)
         secret_keys = {ref.name: {ref.key} for ref in policy.required_secrets(spec)}
-    labels, provider_ids = _kube().node_labels() if _settings().read_nodes else ([], [])
+    labels, provider_ids = _node_labels() if _settings().read_nodes else ([], [])
     cloud = policy.looks_like_cloud(labels, provider_ids)
     # Without spec.model.parameters, the size comes from the model's own files (cached, short timeouts).
     size = model_info.look_up(spec, _settings(), model_info.secret_reader(_kube(), namespace))
-    return policy.preflight(
+    preflight = policy.preflight(
         spec, _settings(), namespace=namespace, secret_keys=secret_keys, cloud_detected=cloud, model_size=size
     )
+    return preflight, versions
 
 
+NODE_LABELS_TTL_S = 60.0  # nodes' labels change rarely; a burst of new jobs reads them once
+
+
+def _node_labels() -> tuple[list[dict[str, str]], list[str]]:
+    with _node_labels_guard:
+        cached = _state.get("node_labels")
+        if cached is None or time.monotonic() - cached[0] > NODE_LABELS_TTL_S:
+            cached = (time.monotonic(), _kube().node_labels())
+            _state["node_labels"] = cached
+        return cached[1]
+
+
+_node_labels_guard = threading.Lock()
 EARLIER_JOB = "of an earlier FineTuneJob"
-
-
-def _wait_for_foreign_children(
-    meta: Mapping[str, Any],
-    spec: api.FineTuneJobSpec,
-    preflight: policy.Preflight,
-    existing_job: Mapping[str, Any] | None,
-) -> None:
-    """A child of this name that belongs to another FineTuneJob (one deleted a moment ago, whose
-    children the garbage collector has not removed yet) is never adopted: wait until it is gone."""
-    job = builders.JobRef.from_metadata(meta)
-    decision, cloud = preflight.decision, preflight.is_cloud
-    for child in builders.build_children(job, spec, decision, _settings(), is_cloud=cloud):
-        found = existing_job if child["kind"] == "Job" else _kube().read(child)
-        other = builders.foreign_owner(found, job.uid)
-        if other is not None:
-            _wait_for_collection(meta, child, other)
 
 
 def _wait_for_collection(meta: Mapping[str, Any], child: Mapping[str, Any], other: str) -> None:
@@ -372,27 +370,39 @@ def _set_phase(meta: Mapping[str, Any], phase: Phase, message: str) -> None:
     )
 
 
-def _apply_children(
+def _create_children(
     meta: Mapping[str, Any],
     raw_spec: Mapping[str, Any],
     spec: api.FineTuneJobSpec,
     preflight: policy.Preflight,
+    secret_versions: Mapping[str, str],
+    existing_job: Mapping[str, Any] | None,
 ) -> None:
-    """Before launch: every child is applied (an earlier, refused attempt may have left some), the
-    Job last, carrying the fingerprints of the spec it launches with."""
+    """Before launch, in creation order, the Job last (carrying the fingerprints of the spec it
+    launches with). Each child is created; one of that name that exists already is looked at: a
+    child of another FineTuneJob (one deleted a moment ago, whose children the garbage collector
+    has not removed yet) is never adopted, the job waits until it is gone; its own, left by an
+    earlier attempt that was refused, is brought up to date."""
     job = builders.JobRef.from_metadata(meta)
-    names = {ref.name for ref in policy.required_secrets(spec)}
-    versions = _kube().secret_keys(job.namespace, names)[1] if _settings().check_secrets else {}
     children = builders.build_children(
-        job, spec, preflight.decision, _settings(), is_cloud=preflight.is_cloud, secret_versions=versions
+        job,
+        spec,
+        preflight.decision,
+        _settings(),
+        is_cloud=preflight.is_cloud,
+        secret_versions=secret_versions,
     )
+    keep_as_is = {"Job", builders.child_names(job.name).progress}  # launched, or written by the trainer
     for child in children:
         if child["kind"] == "Job":
             child["metadata"].setdefault("annotations", {}).update(launched.annotation(raw_spec))
-            _kube().create_if_absent(child)  # a Job made meanwhile by another pass is the launched one
-        elif child["metadata"]["name"] == builders.child_names(job.name).progress:
-            _kube().create_if_absent(child)
-        else:
+        if _kube().create_if_absent(child):
+            continue
+        found = existing_job if child["kind"] == "Job" and existing_job is not None else _kube().read(child)
+        other = builders.foreign_owner(found, job.uid)
+        if other is not None:
+            _wait_for_collection(meta, child, other)
+        if not keep_as_is & {child["kind"], child["metadata"]["name"]}:
             _kube().apply(child)
 
 
@@ -480,6 +490,9 @@ def child_changed(type: str, meta: kopf.Meta, resource: kopf.Resource, **_: Any)
             sync_status(str(meta["namespace"]), owner)
 
 
+RESTORE_EVERY_PASSES = 2  # missing children of running jobs are looked for every other pass
+
+
 def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
     """Catches anything a missed event left behind, and keeps time-based metrics current.
     A plain loop rather than a kopf timer: timers put a finalizer on every FineTuneJob, which
@@ -491,10 +504,12 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
             with metrics.observed("refresh"):
                 items = _kube().list_job_resources(_settings().namespaces)
                 _state["last_refresh"] = time.monotonic()  # the API server answers; the pass goes on
+                restoring = _state.setdefault("passes", 0) % RESTORE_EVERY_PASSES == 0
+                _state["passes"] += 1
                 for item in items:
                     namespace, name = item["metadata"]["namespace"], item["metadata"]["name"]
                     if needs_refresh(item):
-                        _sync_one(namespace, name)
+                        _sync_one(namespace, name, item if restoring else None)
                     else:  # from the listing: no request
                         metrics.set_job_phase(namespace, name, item["status"]["phase"], PHASES)
                 _update_fleet_gauge(items)
@@ -510,9 +525,12 @@ def needs_refresh(item: Mapping[str, Any]) -> bool:
     )
 
 
-def _sync_one(namespace: str, name: str) -> None:
-    """One job's failure is logged and counted; the pass goes on with the others."""
+def _sync_one(namespace: str, name: str, restore: Mapping[str, Any] | None = None) -> None:
+    """One job's failure is logged and counted; the pass goes on with the others. With `restore`
+    (the job as listed), missing children of a running job are made again first."""
     try:
+        if restore is not None and (restore.get("status") or {}).get("method"):
+            _restore_if_running(restore)
         sync_status(namespace, name)
     except Exception:
         metrics.SYNC_ERRORS.labels(namespace, name).inc()
@@ -552,6 +570,8 @@ def _sync_status(namespace: str, name: str) -> None:
         old = body.get("status") or {}
         patch = _status_from_children(body, job, report, pods)
         actions = [*_secret_actions(body, job, patch), lambda: _record_metrics(body, patch)]
+        if st.pods_missing(job, pods, st.utcnow()):  # a missing ServiceAccount would keep them out
+            actions.append(lambda: _restore_children(body, job))
         if not _changed(old, patch):
             return Plan({}, actions)
         return Plan(patch, [*actions, lambda: _announce(body, old, patch, pods)])

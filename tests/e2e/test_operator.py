@@ -260,7 +260,7 @@ def test_children_deleted_under_a_launched_job_come_back_as_they_were(
                 raise
             return found if found.metadata.uid != old_uid else None
 
-        return wait_for(check, 30, "the deleted child to be re-created")
+        return wait_for(check, 75, "the deleted child to be re-created")  # within two refresh passes
 
     new_config = back(
         lambda: core.read_namespaced_config_map("mended-config", namespace), config.metadata.uid

@@ -976,7 +976,7 @@ def test_the_handler_sizes_the_job_from_the_model_files(
             resources={"nodeSelector": {"nvidia.com/gpu.memory": "16384"}},
         )
     )
-    result = handlers._preflight(spec, "team-a")
+    result, _ = handlers._preflight(spec, "team-a")
     memory = next(f for f in result.findings if f.condition == "MemoryFits")
     assert memory.verdict == Verdict.OK, memory.message
     assert memory.message.startswith("1.236B parameters (from config.json): LoRA needs about")

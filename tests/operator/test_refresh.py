@@ -69,3 +69,22 @@ def test_one_failing_job_does_not_stop_the_pass(monkeypatch: pytest.MonkeyPatch)
     assert metrics.SYNC_ERRORS.labels("ns", "broken")._value.get() == before + 1
     assert kube.lists == 1, "one listing per pass, shared with the fleet gauge"
     assert metrics.JOB_PHASE.labels("ns", "d", "Succeeded")._value.get() == 1
+
+
+def test_a_burst_of_new_jobs_reads_the_nodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NodesKube:
+        lists = 0
+
+        def node_labels(self) -> tuple[list[dict[str, str]], list[str]]:
+            self.lists += 1
+            return [{"nvidia.com/gpu.memory": "81920"}], ["aws:///us-east-1a/i-1"]
+
+    kube = NodesKube()
+    monkeypatch.setitem(handlers._state, "kube", kube)
+    monkeypatch.delitem(handlers._state, "node_labels", raising=False)
+    for _ in range(50):
+        assert handlers._node_labels()[1] == ["aws:///us-east-1a/i-1"]
+    assert kube.lists == 1
+    monkeypatch.setattr(handlers, "NODE_LABELS_TTL_S", 0.0)
+    handlers._node_labels()
+    assert kube.lists == 2, "read again once the labels may have changed"
