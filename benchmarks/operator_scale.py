@@ -4,6 +4,10 @@ floor: what the API server and the client cost without the operator). Starts its
 cluster (no Prometheus, no S3) and `python -m finetune_operator`; jobs are suspended, so no pod runs.
 
     python benchmarks/operator_scale.py [--jobs 200] [--workers 8]
+    python benchmarks/operator_scale.py --finished 2000 [--running 20] [--window 60]
+
+The second form is the fleet case: many finished jobs and a few running ones, measured in the
+operator's steady state (API requests per refresh pass, peak RSS).
 """
 
 from __future__ import annotations
@@ -62,10 +66,10 @@ def memory_line() -> str:
     return "memory: unknown"
 
 
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM: the kernel's record of the process's largest resident set so far."""
+def peak_rss_mib(pid: int, field: str = "VmHWM") -> float:
+    """VmHWM: the kernel's record of the process's largest resident set so far (VmRSS: now)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -223,13 +227,70 @@ def per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> str
     return f"{sum(verbs.values()):.1f} API requests per job ({shown})"
 
 
+def ftj_body(name: str) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": job_spec()}
+
+
+def fleet(
+    info: ClusterInfo, kube: client.ApiClient, tmp: Path, finished: int, running: int, window: float
+) -> None:
+    """`finished` FineTuneJobs that have ended (status Succeeded, their Jobs gone) and `running`
+    ones: the API requests of the operator's steady state, per refresh pass, and its peak RSS."""
+    core, custom = client.CoreV1Api(kube), client.CustomObjectsApi(kube)
+    namespace_with_secret(core, "bench-fleet")
+    done = {"phase": "Succeeded", "completionTime": "2026-12-01T00:00:00Z", "observedGeneration": 1}
+
+    def create_finished(name: str) -> None:
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "bench-fleet", api.PLURAL, ftj_body(name)
+        )
+        custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, "bench-fleet", api.PLURAL, name, {"status": done}
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(create_finished, [f"done-{i:05d}" for i in range(finished)]))
+    with running_operator(info, tmp / "fleet-operator.log") as operator:
+        live = [f"live-{i:03d}" for i in range(running)]
+        timed_creation(kube, "bench-fleet", live, lambda n: create_live(custom, n), 8)
+        time.sleep(20)  # the start-up pass over every job (resume handlers) settles
+        before = apiserver_requests(info)
+        time.sleep(window)
+        after = apiserver_requests(info)
+        rss, now = peak_rss_mib(operator.pid), peak_rss_mib(operator.pid, "VmRSS")
+    passes = window / REFRESH_INTERVAL_S
+    total = sum(after.values()) - sum(before.values())
+    print(f"fleet: {finished} finished + {running} running FineTuneJobs, {window:.0f} s of steady state")
+    print(f"       {total / passes:.1f} API requests per refresh pass ({total / window:.1f}/s, all clients)")
+    print(f"       operator RSS {now:.0f} MiB in the steady state, peak {rss:.0f} MiB (start-up)")
+
+
+REFRESH_INTERVAL_S = 15.0
+
+
+def create_live(custom: client.CustomObjectsApi, name: str) -> None:
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "bench-fleet", api.PLURAL, ftj_body(name))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=200, help="FineTuneJobs (and direct Jobs) to create")
     parser.add_argument("--workers", type=int, default=8, help="concurrent clients submitting them")
+    parser.add_argument("--finished", type=int, default=0, help="the fleet case: finished FineTuneJobs")
+    parser.add_argument("--running", type=int, default=20, help="the fleet case: running ones")
+    parser.add_argument("--window", type=float, default=60.0, help="the fleet case: seconds measured")
     args = parser.parse_args()
+    if args.finished:
+        with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+            options = ClusterOptions(run_dir=Path(tmp) / "cluster", with_prometheus=False, with_s3=False)
+            with LocalCluster(options) as info:
+                kube = config.new_client_from_config(info.kubeconfig)
+                install_crd(info, kube)
+                print(describe())
+                fleet(info, kube, Path(tmp), args.finished, args.running, args.window)
+        return
     names = [f"bench-{i:04d}" for i in range(args.jobs)]
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
         options = ClusterOptions(run_dir=Path(tmp) / "cluster", with_prometheus=False, with_s3=False)
@@ -242,14 +303,8 @@ def main() -> None:
             custom = client.CustomObjectsApi(kube)
 
             def create_ftj(name: str) -> None:
-                body = {
-                    "apiVersion": api.API_VERSION,
-                    "kind": api.KIND,
-                    "metadata": {"name": name},
-                    "spec": job_spec(),
-                }
                 custom.create_namespaced_custom_object(
-                    api.GROUP, api.VERSION, "bench-operator", api.PLURAL, body
+                    api.GROUP, api.VERSION, "bench-operator", api.PLURAL, ftj_body(name)
                 )
 
             with running_operator(info, Path(tmp) / "operator.log") as operator:

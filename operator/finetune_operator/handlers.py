@@ -139,9 +139,17 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
         # This body is of a deleted job: its children would be owned by a dead uid and collected.
         log.info("%s/%s: uid %s is gone; leaving its children to the live job", namespace, name, meta["uid"])
         return
+    status = live.get("status") or {}
+    if st.finished_run(status) and status.get("observedGeneration") == generation:
+        return  # finished, and this spec handled already (an operator restart): nothing to do
     existing = _kube().read_job(namespace, builders.child_names(name).job)
     if existing is not None and builders.foreign_owner(existing, meta["uid"]) is None:
         _reconcile_launched(live, raw_spec, existing)
+        return
+    if st.finished_run(live.get("status") or {}):
+        # Its Job was deleted since: a finished run is never started again.
+        log.info("%s/%s has finished (%s); nothing to launch", namespace, name, live["status"]["phase"])
+        _update_status(namespace, name, lambda fresh: st.status_patch(generation=generation), first=live)
         return
     try:
         spec = api.parse_spec(raw_spec)
@@ -519,10 +527,7 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
 
 def needs_refresh(item: Mapping[str, Any]) -> bool:
     """A finished job's status no longer changes: it costs no request per pass."""
-    status = item.get("status") or {}
-    return not (
-        status.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value) and status.get("completionTime")
-    )
+    return not st.finished_run(item.get("status") or {})
 
 
 def _sync_one(namespace: str, name: str, restore: Mapping[str, Any] | None = None) -> None:

@@ -204,6 +204,13 @@ def _active_phase(reported: Phase, previous: str | None) -> Phase:
     return Phase(previous) if previous in RUNNING_PHASES else Phase.PREPARING
 
 
+def finished_run(status: Mapping[str, Any]) -> bool:
+    """A run that launched and ended (a spec refused before launch has no completionTime)."""
+    return status.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value) and bool(
+        status.get("completionTime")
+    )
+
+
 def restarts_from_job(job_status: Mapping[str, Any], phase: Phase, nodes: int, old: int) -> int:
     """Pods that failed and were replaced, from the Job's own counters (pods are garbage-collected,
     counters are not). Preemptions and suspensions are not failures there (the pod failure policy

@@ -234,6 +234,21 @@ def test_rotated_secret_restarts_training_without_losing_work(
     assert condition_of(status, "SecretsReady")["status"] == "True"  # type: ignore[index]
     assert "spec.backoffLimit" in condition_of(status, "SpecApplied")["message"]  # type: ignore[index]
 
+    # Its Job deleted too (by hand, or a cleanup policy): still finished, never launched again.
+    batch = client.BatchV1Api(kube)
+    batch.delete_namespaced_job("rotating", namespace, propagation_policy="Background")
+    wait_for(lambda: not batch.list_namespaced_job(namespace).items, 60, "the Job to be gone")
+    edited = client.CustomObjectsApi(kube).patch_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunejobs", "rotating", {"spec": {"backoffLimit": 6}}
+    )
+    generation = edited["metadata"]["generation"]
+    status = wait_for(
+        lambda: (s := job_status("rotating")).get("observedGeneration") == generation and s,
+        30,
+        "the edit to be handled",
+    )
+    assert status["phase"] == "Succeeded" and not batch.list_namespaced_job(namespace).items
+
 
 def test_suspend_while_preparing_data_stops_the_pod_within_seconds(
     launch_tiny: Any,
