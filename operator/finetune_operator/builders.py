@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from kubernetes.utils.quantity import parse_quantity
-
 from finetune_operator import api, policy
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.policy import MethodDecision, required_secrets
@@ -578,13 +576,28 @@ def _resources(spec: FineTuneJobSpec, decision: MethodDecision, settings: Operat
     return {"requests": requests, "limits": limits} if limits else {"requests": requests}
 
 
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
+_SUFFIX = {
+    None: 1.0, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+    "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50,
+}  # fmt: skip
+
+
+def quantity_bytes(quantity: str) -> float:
+    """A Kubernetes quantity as the schema admits it (api.Quantity), in units."""
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return float(match.group(1)) * _SUFFIX[match.group(2)]
+
+
 def shm_size_limit(memory_limit: str | None) -> str:
     """/dev/shm is memory: what is written there counts against the pod's memory limit, so it may
     hold at most half of it (and SHM_SIZE_LIMIT without a limit)."""
     if memory_limit is None:
         return SHM_SIZE_LIMIT
-    half = parse_quantity(memory_limit) / 2
-    return SHM_SIZE_LIMIT if half >= parse_quantity(SHM_SIZE_LIMIT) else f"{int(half // 2**20)}Mi"
+    half = quantity_bytes(memory_limit) / 2
+    return SHM_SIZE_LIMIT if half >= quantity_bytes(SHM_SIZE_LIMIT) else f"{int(half // 2**20)}Mi"
 
 
 def _container_security_context(settings: OperatorSettings) -> dict[str, Any]:
