@@ -125,7 +125,8 @@ class ProgressCallback(TrainerCallback):
             tokens_per_second=round(steps_per_s * self.tokens_per_step, 1),
             eta_seconds=round(remaining / steps_per_s, 1) if steps_per_s > 0 else None,
         )
-        log.info("progress: %s", progress.model_dump_json(by_alias=True, exclude_none=True))
+        if "loss" in logs:  # a step's log line; the end-of-training summary only updates the report
+            log.info("progress: %s", progress.model_dump_json(by_alias=True, exclude_none=True))
         self.reporter.update(phase=Phase.TRAINING, progress=progress)
 
     def _check_divergence(
