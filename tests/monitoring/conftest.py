@@ -26,6 +26,7 @@ OPERATOR_METRICS = {
     "finetune_checkpoint_last_verified_step",
     "finetune_job_phase",
     "finetune_operator_watch_staleness_seconds",
+    "finetune_operator_sync_errors_total",
 }
 
 # Series names a prometheus_client metric type exposes, by constructor.
