@@ -14,7 +14,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -609,11 +609,11 @@ def _secret_actions(
         missing=sorted(names - set(versions)),
         current=builders.secret_versions_hash(versions),
         recorded=old.get("secretsHash") or annotations.get(builders.SECRETS_HASH_ANNOTATION),
-        restarting=_condition_reason(old, "SecretsRotated") == "Restarting",
+        restarting=_condition(old.get("conditions"), "SecretsRotated").get("reason") == "Restarting",
         job_suspended=bool(job["spec"].get("suspend")),
         job_active=bool((job.get("status") or {}).get("active")),
         user_suspended=spec.suspend,
-        secrets_ready_false=_condition_status(old, "SecretsReady") == "False",
+        secrets_ready_false=_condition(old.get("conditions"), "SecretsReady").get("status") == "False",
     )
     step = st.secret_step(facts)
     _apply_secret_step(step, body, patch)
@@ -639,14 +639,9 @@ def _apply_secret_step(step: st.SecretStep, body: Mapping[str, Any], patch: dict
         patch["phase"] = step.phase.value
 
 
-def _condition_reason(status: Mapping[str, Any], type_: str) -> str | None:
-    found = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
-    return str(found.get("reason")) if found else None
-
-
-def _condition_status(status: Mapping[str, Any], type_: str) -> str | None:
-    found = next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
-    return str(found.get("status")) if found else None
+def _condition(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any]:
+    """The condition of that type, or an empty one."""
+    return next((c for c in conditions or [] if c.get("type") == type_), {})
 
 
 def _status_from_children(
@@ -682,10 +677,8 @@ def _status_from_children(
             ),
         )
     conditions = _pods_created_condition(job, pods, conditions, generation, now)
-    refused = next(
-        (c for c in conditions if c.get("type") == "PodsCreated" and c.get("status") == "False"), None
-    )
-    if refused is not None and phase == Phase.PENDING:
+    refused = _condition(conditions, "PodsCreated")
+    if refused.get("status") == "False" and phase == Phase.PENDING:
         patch["message"] = refused["message"]
     conditions = _data_condition(body, report, conditions, generation, now)
     conditions = _predictions_condition(report, conditions, generation, now)
@@ -704,8 +697,7 @@ def _pods_created_condition(
     if st.pods_missing(job, pods, now):
         refusals = _kube().job_refusals(job["metadata"]["namespace"], job["metadata"]["uid"])
         return st.set_condition(conditions, st.pods_condition(refusals, generation=generation, now=now))
-    created = next((c for c in conditions if c.get("type") == "PodsCreated"), None)
-    if pods and created is not None and created.get("status") == "False":
+    if pods and _condition(conditions, "PodsCreated").get("status") == "False":
         return st.set_condition(conditions, st.pods_condition([], generation=generation, now=now))
     return conditions
 
