@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +11,10 @@ import pytest
 from kubernetes import client
 
 from localcluster import ClusterInfo, MissingToolError, add_scrape_target, models, scrape_interval
-from localcluster.processes import free_port, port_open
+from localcluster.operators import SOLO_PREFIX, start_operator
+from localcluster.processes import free_port
 from localcluster.s3 import S3Server, running_s3
-from localcluster.testing import wait_for
+from localcluster.testing import unique_name, wait_for
 from localcluster.tools import REPO_ROOT, tool
 
 pytest_plugins = ["localcluster.pytest_plugin"]
@@ -77,43 +76,38 @@ def crd(cluster: ClusterInfo, kube: client.ApiClient) -> None:
 
 @pytest.fixture(scope="session")
 def operator(cluster: ClusterInfo, crd: None) -> Iterator[RunningOperator]:
-    """`python -m finetune_operator` against the session cluster, scraped by its Prometheus."""
-    metrics_port, health_port = free_port(), free_port()
-    log = Path(cluster.run_dir) / "logs" / "operator.log"
+    """`python -m finetune_operator` against the session cluster, scraped by its Prometheus. It
+    holds a leader Lease as the chart's replicas do, and skips `solo-` namespaces (`solo_namespace`)."""
+    metrics_port = free_port()
     env = {
-        **os.environ,
-        **cluster.env(),
         "FINETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
-        "FINETUNE_OPERATOR_HEALTH_PORT": str(health_port),
         "FINETUNE_OPERATOR_ENVIRONMENT": "onprem",
         "FINETUNE_OPERATOR_GPU_MEMORY_GIB": "80",
         "FINETUNE_OPERATOR_HEARTBEAT_NAMESPACE": "default",
+        "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE": "default",
+        "FINETUNE_OPERATOR_SKIP_NAMESPACES": f"{SOLO_PREFIX}*",
         # Finished trainers linger for one scrape of the local Prometheus, not the chart's 15 s.
         "FINETUNE_OPERATOR_TRAINER_SCRAPE_INTERVAL": scrape_interval(Path(cluster.run_dir)),
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            ["setpriv", "--pdeathsig", "TERM", "--", sys.executable, "-m", "finetune_operator"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    running = start_operator(cluster, Path(cluster.run_dir) / "logs" / "operator.log", env, pdeathsig="TERM")
     try:
-        wait_for(
-            lambda: port_open(health_port),
-            60,
-            "the operator's health endpoint",
-            describe=lambda: log.read_text()[-2000:],
-        )
         add_scrape_target(Path(cluster.run_dir), "host", f"127.0.0.1:{metrics_port}", {})
         yield RunningOperator(
-            log=log,
+            log=running.log,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-            health_url=f"http://127.0.0.1:{health_port}/healthz",
+            health_url=f"http://127.0.0.1:{running.health_port}/healthz",
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        running.stop()
+
+
+@pytest.fixture
+def solo_namespace(kube: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace that the session's operator leaves alone: for tests that run their own."""
+    core = client.CoreV1Api(kube)
+    base = "".join(ch for ch in request.node.name.lower().replace("_", "-") if ch.isalnum() or ch == "-")
+    name = unique_name(f"{SOLO_PREFIX}{base[:34].strip('-')}")
+    core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, f"default SA in {name}")
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import sys
 
 import kopf
 
-from finetune_operator import handlers  # noqa: F401  (registers the handlers)
+from finetune_operator import (
+    handlers,  # noqa: F401  (registers the handlers)
+    replicas,
+)
 from finetune_operator.settings import OperatorSettings
 
 
@@ -16,15 +19,7 @@ def main() -> None:
     # kopf owns the log format (one line per record, with the object it concerns).
     kopf.configure(verbose=settings.log_level == "DEBUG")
     logging.getLogger().setLevel(settings.log_level)
-    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    asyncio.run(
-        kopf.operator(
-            standalone=True,
-            clusterwide=not settings.namespaces,
-            namespaces=list(settings.namespaces),
-            liveness_endpoint=liveness,
-        )
-    )
+    sys.exit(replicas.run(settings))
 
 
 if __name__ == "__main__":

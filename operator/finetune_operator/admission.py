@@ -39,11 +39,13 @@ def recorded_user(spec_user: str | None, username: str) -> str:
     )
 
 
-def serve(settings: kopf.OperatorSettings, port: int, cert_dir: str) -> None:
+def serve(settings: kopf.OperatorSettings, registry: kopf.OperatorRegistry, port: int, cert_dir: str) -> None:
     """Registers the handler with its server, at start-up: kopf refuses admission handlers that
     have no server, and the webhook is optional (FINETUNE_OPERATOR_WEBHOOK_PORT=0). The chart owns
     the MutatingWebhookConfiguration; kopf only serves it."""
-    kopf.on.mutate(api.GROUP, api.VERSION, api.PLURAL, operations=["CREATE"], id=RECORD_USER)(record_user)
+    kopf.on.mutate(
+        api.GROUP, api.VERSION, api.PLURAL, operations=["CREATE"], id=RECORD_USER, registry=registry
+    )(record_user)
     settings.admission.server = webhook_server(port, cert_dir)
     settings.admission.managed = None
 

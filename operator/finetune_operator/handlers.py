@@ -22,10 +22,11 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import admission, api, builders, launched, metrics, model_info, policy
+from finetune_operator import api, builders, launched, metrics, model_info, policy
 from finetune_operator import status as st
 from finetune_operator.api import Phase
 from finetune_operator.kube import Kube, connect
+from finetune_operator.replicas import SERVING
 from finetune_operator.settings import OperatorSettings
 
 log = logging.getLogger("finetune_operator")
@@ -87,12 +88,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     # The chart grants no access to CRDs cluster-wide; the resource is known, no scanning needed.
     settings.scanning.disabled = True
-    if operator_settings.webhook_port:
-        admission.serve(settings, operator_settings.webhook_port, operator_settings.webhook_cert_dir)
     _state["settings"] = operator_settings
     _state["kube"] = Kube(connect())
-    if operator_settings.metrics_port:
-        metrics.serve(operator_settings.metrics_port)
     stop = threading.Event()
     _state["stop"], _state["started"] = stop, time.monotonic()
     # copy_context: events posted from the loop reach kopf's event queue like a handler's would.
@@ -162,9 +159,6 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
     if preflight.refused:
         _refuse_preflight(body, namespace, name, generation, preflight)
         return
-    _create_children(meta, raw_spec, spec, preflight, secret_versions, existing)
-    _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
-
     def build(fresh: dict[str, Any]) -> dict[str, Any]:
         old = fresh.get("status") or {}
         patch = st.status_patch(
@@ -179,7 +173,18 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
             patch["message"] = ""  # its own children exist now
         return patch
 
-    _update_status(namespace, name, build, first=live)
+    # The decision is in status before the Job exists: an operator killed in between leaves a
+    # launched job whose method the next leader reads, never one it would have to decide again.
+    _create_children(
+        meta,
+        raw_spec,
+        spec,
+        preflight,
+        secret_versions,
+        existing,
+        before_job=lambda: _update_status(namespace, name, build, first=live),
+    )
+    _event(body, "Normal", reason="MethodChosen", message=preflight.decision.reason)
 
 
 def _reconcile_launched(body: dict[str, Any], raw_spec: Mapping[str, Any], job: Mapping[str, Any]) -> None:
@@ -385,9 +390,10 @@ def _create_children(
     preflight: policy.Preflight,
     secret_versions: Mapping[str, str],
     existing_job: Mapping[str, Any] | None,
+    before_job: Callable[[], None],
 ) -> None:
     """Before launch, in creation order, the Job last (carrying the fingerprints of the spec it
-    launches with). Each child is created; one of that name that exists already is looked at: a
+    launches with), `before_job` called right before it. Each child is created; one of that name that exists already is looked at: a
     child of another FineTuneJob (one deleted a moment ago, whose children the garbage collector
     has not removed yet) is never adopted, the job waits until it is gone; its own, left by an
     earlier attempt that was refused, is brought up to date."""
@@ -404,6 +410,7 @@ def _create_children(
     for child in children:
         if child["kind"] == "Job":
             child["metadata"].setdefault("annotations", {}).update(launched.annotation(raw_spec))
+            before_job()
         if _kube().create_if_absent(child):
             continue
         found = existing_job if child["kind"] == "Job" and existing_job is not None else _kube().read(child)
@@ -510,7 +517,9 @@ def refresh_forever(stop: threading.Event, interval: float = 15.0) -> None:
         _beat()
         try:
             with metrics.observed("refresh"):
-                items = _kube().list_job_resources(_settings().namespaces)
+                settings = _settings()
+                listed = _kube().list_job_resources(settings.namespaces)
+                items = [i for i in listed if not settings.skips(i["metadata"]["namespace"])]
                 _state["last_refresh"] = time.monotonic()  # the API server answers; the pass goes on
                 restoring = _state.setdefault("passes", 0) % RESTORE_EVERY_PASSES == 0
                 _state["passes"] += 1
@@ -885,9 +894,10 @@ def _beat() -> None:
         log.exception("heartbeat write to %s/%s failed", namespace, HEARTBEAT)
 
 
-@kopf.on.probe(id="watchSilenceSeconds")
+# The probes run on every replica (with /healthz); a replica that does not act reports None.
+@kopf.on.probe(id="watchSilenceSeconds", registry=SERVING)
 def watch_silence(**_: Any) -> float | None:
-    if not _settings().heartbeat_namespace:
+    if "started" not in _state or not _settings().heartbeat_namespace:
         return None
     seen = float(_state.get("heartbeat_seen", _state.get("started", time.monotonic())))
     silence = time.monotonic() - seen
@@ -898,8 +908,10 @@ def watch_silence(**_: Any) -> float | None:
     return round(silence, 1)
 
 
-@kopf.on.probe(id="refreshAgeSeconds")
-def refresh_age(**_: Any) -> float:
+@kopf.on.probe(id="refreshAgeSeconds", registry=SERVING)
+def refresh_age(**_: Any) -> float | None:
+    if "started" not in _state:
+        return None
     age = time.monotonic() - float(_state.get("last_refresh", _state.get("started", time.monotonic())))
     if age > STALE_AFTER_SECONDS:
         raise kopf.PermanentError(f"no successful refresh for {age:.0f}s: the API server is unreachable")

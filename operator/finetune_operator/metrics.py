@@ -35,6 +35,11 @@ SYNC_ERRORS = Counter(
     ["namespace", "job"],
     registry=REGISTRY,
 )
+LEADER = Gauge(
+    "finetune_operator_leader",
+    "1 on the replica that acts on FineTuneJobs (holds the Lease), 0 on one that only serves the webhook.",
+    registry=REGISTRY,
+)
 JOBS = Gauge("finetune_jobs", "FineTuneJobs by phase.", ["namespace", "phase"], registry=REGISTRY)
 JOB_PHASE = Gauge(
     "finetune_job_phase",

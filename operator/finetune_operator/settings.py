@@ -22,6 +22,12 @@
   passes podMonitor.interval); a finished trainer keeps /metrics up this long, so its final values
   are scraped.
 - FINETUNE_OPERATOR_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
+- FINETUNE_OPERATOR_SKIP_NAMESPACES (empty): with all namespaces watched, comma-separated namespaces
+  (globs such as `team-x-*`) left to another operator, for example one a team runs for a trial.
+- FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE (empty: off): namespace of the Lease that lets one
+  replica act at a time (every replica serves the webhook); FINETUNE_OPERATOR_LEADER_ELECTION_LEASE
+  (finetune-operator) names it, FINETUNE_OPERATOR_LEADER_ELECTION_SECONDS (15) is its duration: a
+  replica takes over that long after the leader last renewed.
 - FINETUNE_OPERATOR_METRICS_PORT (8080): the operator's Prometheus endpoint (/metrics).
 - FINETUNE_OPERATOR_HEALTH_PORT (8081): the operator's liveness endpoint (/healthz).
 - FINETUNE_OPERATOR_WEBHOOK_PORT (0: off): HTTPS port of the admission webhook that records the creating
@@ -42,10 +48,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from finetune_operator.api import Environment
@@ -106,6 +113,19 @@ class OperatorSettings(BaseSettings):
         default=(), description="Namespaces to watch; empty means all namespaces."
     )
 
+    skip_namespaces: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="With all namespaces watched: namespaces (globs) left alone."
+    )
+    leader_election_namespace: str = Field(
+        default="", description="Namespace of the leader-election Lease; empty: no election."
+    )
+    leader_election_lease: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] = Field(
+        default="finetune-operator", description="Name of the leader-election Lease."
+    )
+    leader_election_seconds: Annotated[float, Field(ge=3, le=300)] = Field(
+        default=15.0, description="Lease duration: a replica takes over this long after the last renewal."
+    )
+
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=8080, description="Port of the operator's /metrics endpoint; 0 disables it."
     )
@@ -146,16 +166,39 @@ class OperatorSettings(BaseSettings):
     check_secrets: bool = Field(default=True, description="Check referenced Secrets before launch.")
     read_nodes: bool = Field(default=True, description="Read node labels to detect the environment.")
 
-    @field_validator("trainer_scrape_interval", "model_size_timeout", mode="before")
+    @field_validator(
+        "trainer_scrape_interval", "model_size_timeout", "leader_election_seconds", mode="before"
+    )
     @classmethod
     def _prometheus_duration(cls, value: object) -> object:
         if isinstance(value, str) and DURATION.fullmatch(value.strip()):
             return sum(int(n) * UNIT_SECONDS[unit] for n, unit in DURATION_PART.findall(value))
         return value  # a number of seconds; anything else fails float validation
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("namespaces", "skip_namespaces", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> OperatorSettings:
+        if self.namespaces and self.skip_namespaces:
+            raise ValueError(
+                "FINETUNE_OPERATOR_SKIP_NAMESPACES applies only when all namespaces are watched "
+                "(fix: leave FINETUNE_OPERATOR_NAMESPACES empty, or drop the skip list)"
+            )
+        return self
+
+    def watched_namespaces(self) -> list[str]:
+        """kopf's namespace patterns: the listed namespaces, or every namespace but the skipped."""
+        if self.namespaces:
+            return list(self.namespaces)
+        if self.skip_namespaces:
+            return [", ".join(f"!{glob}" for glob in self.skip_namespaces)]
+        return []
+
+    def skips(self, namespace: str) -> bool:
+        """True for a namespace this operator leaves alone (the same rule as kopf's `!glob`)."""
+        return not self.namespaces and any(fnmatch.fnmatchcase(namespace, g) for g in self.skip_namespaces)

@@ -86,8 +86,8 @@ def test_operator_runs_restricted(render: Render, profile: str) -> None:
     objects = render(profile)
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"]["type"] == "Recreate"
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
 
@@ -172,9 +172,14 @@ def test_every_rbac_rule_says_why(helm: Callable[..., Any], template_args: Calla
                     assert lines[i - 1].lstrip().startswith("#"), f"rule without a reason: {lines[i : i + 3]}"
 
 
+def job_roles(objects: list[Manifest], kind: str) -> list[Manifest]:
+    """Roles (or bindings) for acting on jobs: all but the leader-election Lease's."""
+    return [o for o in of_kind(objects, kind) if not o["metadata"]["name"].endswith("-leader")]
+
+
 def test_cluster_wide_mode(render: Render) -> None:
     objects = operator_objects(render())
-    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
+    assert not job_roles(objects, "Role") and not job_roles(objects, "RoleBinding")
     role, binding = one(objects, "ClusterRole"), one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
@@ -191,8 +196,8 @@ def test_cluster_wide_mode(render: Render) -> None:
 
 def test_namespaced_mode(render: Render) -> None:
     objects = operator_objects(render(sets=["operator.namespaces={team-a,team-b}"]))
-    role_namespaces = sorted(r["metadata"]["namespace"] for r in of_kind(objects, "Role"))
-    binding_namespaces = sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding"))
+    role_namespaces = sorted(r["metadata"]["namespace"] for r in job_roles(objects, "Role"))
+    binding_namespaces = sorted(b["metadata"]["namespace"] for b in job_roles(objects, "RoleBinding"))
     assert role_namespaces == binding_namespaces == ["team-a", "team-b"]
     # Only nodes (cluster-scoped) remain in a ClusterRole.
     cluster_role = one(objects, "ClusterRole")
@@ -204,6 +209,30 @@ def test_namespaced_mode(render: Render) -> None:
     no_nodes = operator_objects(render(sets=["operator.namespaces={team-a}", "rbac.readNodes=false"]))
     assert not of_kind(no_nodes, "ClusterRole") and not of_kind(no_nodes, "ClusterRoleBinding")
     assert env_of(no_nodes)["FINETUNE_OPERATOR_READ_NODES"] == "false"
+
+
+def test_replicas_share_one_lease_and_spread_over_nodes(render: Render) -> None:
+    objects = operator_objects(render())
+    deployment = one(objects, "Deployment")
+    name = deployment["metadata"]["name"]
+    env = env_of(objects)
+    assert env["FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE"] == "finetune-system"
+    assert env["FINETUNE_OPERATOR_LEADER_ELECTION_LEASE"] == name
+    assert env["FINETUNE_OPERATOR_LEADER_ELECTION_SECONDS"] == "15"
+    (leader,) = [r for r in of_kind(objects, "Role") if r["metadata"]["name"] == f"{name}-leader"]
+    assert leader["metadata"]["namespace"] == "finetune-system"
+    by_verbs = {tuple(r["verbs"]): r.get("resourceNames") for r in leader["rules"]}
+    assert by_verbs == {("create",): None, ("get", "update"): [name]}
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    anti = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["labelSelector"] == deployment["spec"]["selector"]
+
+    single = operator_objects(render(sets=["replicas=1"]))
+    assert not of_kind(single, "PodDisruptionBudget"), "a PDB on one replica would block every drain"
+    assert "affinity" not in one(single, "Deployment")["spec"]["template"]["spec"]
 
 
 @pytest.mark.parametrize("sets", [[], ["operator.namespaces={team-a}"]])

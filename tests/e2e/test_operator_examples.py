@@ -14,10 +14,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
-import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from kubernetes.client.rest import ApiException
 from urllib3.exceptions import ProtocolError
 
 from localcluster import ClusterInfo
-from localcluster.processes import free_port, port_open
+from localcluster.operators import OperatorProcess, start_operator
+from localcluster.processes import free_port
 from localcluster.testing import deep_merge, events_for, wait_for
 from localcluster.tools import REPO_ROOT, tool
 
@@ -545,19 +547,17 @@ def test_fields_fixed_at_creation_are_refused_on_update(
 
 
 # ---------------------------------------------------------------------------------------------
-# An operator killed mid-reconcile
+# Operators killed mid-reconcile, and replicas
 #
-# Two operators act on the same jobs here: the `operator` fixture's (all namespaces) and one scoped to this
-# test's namespace that is killed with SIGKILL and restarted. That is safe, and the point: children
-# have deterministic names and are written with server-side apply under one field manager, the Job
-# is created only when a read finds none (a racing second create is an apply of the same manifest,
-# so it updates rather than duplicates), and status patches merge. Kopf keeps its handler progress
-# in annotations, so the restarted process reads what its killed predecessor and the other operator
-# wrote, exactly as a restarted replica would. Any step that is not idempotent (a generated name, a
-# create that is not an apply, a delete-and-recreate of the Job) shows up as a second Job or a Job
-# that was deleted.
+# These tests run their own operators in a `solo-` namespace, which the session's operator skips:
+# whatever happens there is the work of the operators the test started. Children have
+# deterministic names, the Job is created only when a read finds none, and kopf keeps its handler
+# progress in annotations, so a restarted process (or the replica that takes over) reads what its
+# killed predecessor wrote. Any step that is not idempotent (a generated name, a create that is not
+# an apply, a delete-and-recreate of the Job) shows up as a second Job or a Job that was deleted.
 
 RESTART_JOBS = 8
+HELD = "restart-held"  # its model has no declared size: its reconcile waits on the model hub
 
 
 @dataclass
@@ -569,8 +569,7 @@ class JobWatch:
     thread: threading.Thread
 
 
-@pytest.fixture
-def job_watch(kube: client.ApiClient, namespace: str) -> Iterator[JobWatch]:
+def watch_jobs(kube: client.ApiClient, namespace: str) -> JobWatch:
     batch = client.BatchV1Api(kube)
     version = batch.list_namespaced_job(namespace).metadata.resource_version
     events: list[tuple[str, str, str]] = []
@@ -588,108 +587,67 @@ def job_watch(kube: client.ApiClient, namespace: str) -> Iterator[JobWatch]:
 
     thread = threading.Thread(target=run, name="job-watch", daemon=True)
     thread.start()
-    yield JobWatch(events, stopper, thread)
-    stopper.stop()
+    return JobWatch(events, stopper, thread)
 
 
-def start_scoped_operator(cluster: ClusterInfo, namespace: str, log: Path) -> subprocess.Popen[bytes]:
-    health = free_port()
-    env = {
-        **os.environ,
-        **cluster.env(),
+class SilentHub:
+    """A model hub that accepts connections and never answers: an operator asking it for a model's
+    size is held inside its reconcile until the test lets go (or the lookup times out)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="silent-hub", daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.server.accept()[0])
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def scoped_env(namespace: str, **extra: str) -> dict[str, str]:
+    return {
         "FINETUNE_OPERATOR_NAMESPACES": namespace,
         "FINETUNE_OPERATOR_ENVIRONMENT": "onprem",
         "FINETUNE_OPERATOR_GPU_MEMORY_GIB": "80",
         "FINETUNE_OPERATOR_METRICS_PORT": "0",
-        "FINETUNE_OPERATOR_HEALTH_PORT": str(health),
         "FINETUNE_OPERATOR_LOG_LEVEL": "DEBUG",  # kopf logs "is invoked" when a handler starts
+        **extra,
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-m", "finetune_operator"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    wait_for(
-        lambda: port_open(health),
-        60,
-        "the namespaced operator's health endpoint",
-        describe=lambda: log.read_text(errors="replace")[-2000:],
-    )
-    return process
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def reconciles(op: OperatorProcess) -> tuple[int, int]:
+    text = op.log_text()
+    return text.count("Handler 'reconcile' is invoked"), text.count("Handler 'reconcile' succeeded")
 
 
-def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
+def assert_one_job_each(
     kube: client.ApiClient,
     core: client.CoreV1Api,
-    cluster: ClusterInfo,
-    operator: Any,
     namespace: str,
-    job_watch: JobWatch,
-    tmp_path: Path,
-) -> None:
-    create_secrets(core, namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
-    first_log, second_log = tmp_path / "first.log", tmp_path / "restarted.log"
-    first = start_scoped_operator(cluster, namespace, first_log)
-    try:
-        names = [f"restart-{i}" for i in range(RESTART_JOBS)]
-        for name in names:
-            custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minimal_job(name))
-        wait_for(
-            lambda: first_log.read_text(errors="replace").count("Handler 'reconcile' is invoked") >= 3,
-            60,
-            "the namespaced operator to start reconciling",
-            interval=0.02,
-        )
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(timeout=10)
-    finally:
-        stop(first)
-    killed_log = first_log.read_text(errors="replace")
-    mid_work = killed_log.count("Handler 'reconcile' is invoked") - killed_log.count(
-        "Handler 'reconcile' succeeded"
-    )
-
-    second = start_scoped_operator(cluster, namespace, second_log)
-    try:
-        # On start-up the restarted operator resumes every job (most already have their children).
-        wait_for(
-            lambda: (
-                second_log.read_text(errors="replace").count("Handler 'reconcile' succeeded") >= RESTART_JOBS
-            ),
-            120,
-            "the restarted operator to reconcile every job",
-            describe=lambda: second_log.read_text(errors="replace")[-3000:],
-        )
-        jobs = client.BatchV1Api(kube).list_namespaced_job(namespace).items
-        ftjs = {name: get_ftj(kube, namespace, name) for name in names}
-    finally:
-        stop(second)
-
-    context = f"killed with {mid_work} reconcile(s) in flight"
-    owners = sorted(j.metadata.owner_references[0].uid for j in jobs)
+    names: list[str],
+    jobs: JobWatch,
+    context: str,
+) -> dict[str, dict[str, Any]]:
+    """Every FineTuneJob has exactly one Job, never deleted, and one of each ConfigMap."""
+    found = client.BatchV1Api(kube).list_namespaced_job(namespace).items
+    ftjs = {name: get_ftj(kube, namespace, name) for name in names}
+    owners = sorted(j.metadata.owner_references[0].uid for j in found)
     assert owners == sorted(o["metadata"]["uid"] for o in ftjs.values()), context
-    assert sorted(j.metadata.name for j in jobs) == sorted(names), context
-    # No Job was ever deleted and created again: that would restart training from scratch.
-    job_watch.stopper.stop()
-    adds = [(name, uid) for kind, name, uid in job_watch.events if kind == "ADDED"]
-    assert sorted(adds) == sorted((j.metadata.name, j.metadata.uid) for j in jobs), context
-    assert not [e for e in job_watch.events if e[0] == "DELETED"], context
+    assert sorted(j.metadata.name for j in found) == sorted(names), context
+    jobs.stopper.stop()
+    adds = [(name, uid) for kind, name, uid in jobs.events if kind == "ADDED"]
+    assert sorted(adds) == sorted((j.metadata.name, j.metadata.uid) for j in found), context
+    assert not [e for e in jobs.events if e[0] == "DELETED"], context
     configs = [c.metadata.name for c in core.list_namespaced_config_map(namespace).items]
     for name in names:
-        assert configs.count(f"{name}-config") == configs.count(f"{name}-progress") == 1
-
+        assert configs.count(f"{name}-config") == configs.count(f"{name}-progress") == 1, name
     for name, obj in ftjs.items():
         status = obj["status"]
         assert status["phase"] == "Suspended", f"{name}: {status}"
@@ -698,4 +656,159 @@ def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
         for type_ in ("SpecValid", "SecretsReady"):
             cond = condition(obj, type_)
             assert cond and cond["status"] == "True", f"{name} {type_}: {cond}"
-    assert "Traceback" not in second_log.read_text(errors="replace")
+    return ftjs
+
+
+def assert_session_operator_stayed_out(cluster: ClusterInfo, namespace: str) -> None:
+    """The premise: no operator but the test's own acted here (the session's one, if another test
+    started it, logs every object it handles by namespace)."""
+    log = Path(cluster.run_dir) / "logs" / "operator.log"
+    if log.exists():
+        assert namespace not in log.read_text(errors="replace"), "the session's operator acted here"
+
+
+def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    crd: None,
+    solo_namespace: str,
+    tmp_path: Path,
+) -> None:
+    namespace = solo_namespace
+    create_secrets(core, namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
+    jobs = watch_jobs(kube, namespace)
+    hub = SilentHub()
+    first = start_operator(
+        cluster,
+        tmp_path / "first.log",
+        scoped_env(
+            namespace, FINETUNE_OPERATOR_HUB_ENDPOINT=hub.url, FINETUNE_OPERATOR_MODEL_SIZE_TIMEOUT="60"
+        ),
+    )
+    names = [HELD] + [f"restart-{i}" for i in range(RESTART_JOBS - 1)]
+    try:
+        held = minimal_job(HELD)
+        held["spec"]["model"] = {"source": "hf://org/held-model"}  # no parameters: the hub is asked
+        custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, held)
+        wait_for(lambda: hub.held, 60, "the held reconcile to ask the hub", interval=0.02)
+        for name in names[1:]:
+            custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minimal_job(name))
+        wait_for(lambda: reconciles(first)[1] >= 2, 60, "two other reconciles to finish", interval=0.02)
+        invoked, succeeded = reconciles(first)
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait(timeout=10)
+    finally:
+        first.stop()
+        hub.close()
+    # The premise: the held reconcile was in flight when the kill landed, and had written nothing.
+    assert invoked > succeeded, (invoked, succeeded)
+    assert "status" not in get_ftj(kube, namespace, HELD) or not get_ftj(kube, namespace, HELD)["status"].get(
+        "method"
+    )
+    assert not [e for e in jobs.events if e[1] == HELD]
+    context = f"killed with {invoked - succeeded} reconcile(s) in flight"
+
+    second = start_operator(
+        cluster,
+        tmp_path / "restarted.log",
+        scoped_env(namespace, FINETUNE_OPERATOR_HUB_ENDPOINT=f"http://127.0.0.1:{free_port()}"),
+    )
+    try:
+        # On start-up the restarted operator resumes every job (most already have their children).
+        wait_for(
+            lambda: reconciles(second)[1] >= RESTART_JOBS,
+            120,
+            "the restarted operator to reconcile every job",
+            describe=lambda: second.log_text()[-3000:],
+        )
+        assert_one_job_each(kube, core, namespace, names, jobs, context)
+    finally:
+        second.stop()
+    assert "Traceback" not in second.log_text()
+    assert_session_operator_stayed_out(cluster, namespace)
+
+
+LEASE_S = 6  # short, so the test waits little; the chart uses 15 s
+
+
+def reconciled(obj: Mapping[str, Any]) -> bool:
+    status = obj.get("status") or {}
+    return (
+        status.get("phase") == "Suspended"
+        and status.get("observedGeneration") == obj["metadata"]["generation"]
+    )
+
+
+def lease_holder(kube: client.ApiClient, namespace: str) -> str:
+    try:
+        lease = client.CoordinationV1Api(kube).read_namespaced_lease("finetune-operator", namespace)
+    except ApiException:
+        return ""
+    return str(lease.spec.holder_identity or "")
+
+
+def holds(op: OperatorProcess) -> Callable[[str], bool]:
+    return lambda holder: holder.endswith(f"_{op.pid}")
+
+
+def test_two_replicas_one_acts_and_the_other_takes_over_when_it_is_killed(
+    kube: client.ApiClient,
+    core: client.CoreV1Api,
+    cluster: ClusterInfo,
+    crd: None,
+    solo_namespace: str,
+    tmp_path: Path,
+) -> None:
+    namespace = solo_namespace
+    create_secrets(core, namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
+    jobs = watch_jobs(kube, namespace)
+    env = scoped_env(
+        namespace,
+        FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE=namespace,
+        FINETUNE_OPERATOR_LEADER_ELECTION_SECONDS=str(LEASE_S),
+    )
+    first = start_operator(cluster, tmp_path / "first.log", env)
+    second: OperatorProcess | None = None
+    names = [f"replica-{i}" for i in range(RESTART_JOBS)]
+    try:
+        wait_for(lambda: holds(first)(lease_holder(kube, namespace)), 30, "the first replica to lead")
+        second = start_operator(cluster, tmp_path / "second.log", env)
+        assert second.health()["leader"] is False and first.health()["leader"] is True
+        for name in names:
+            custom(kube).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minimal_job(name))
+        wait_for(lambda: reconciles(first)[1] >= 2, 60, "the leader to start reconciling", interval=0.02)
+        invoked, succeeded = reconciles(first)
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        first.process.wait(timeout=10)
+        # Until now the follower only served: no handler of it ran.
+        assert reconciles(second) == (0, 0), second.log_text()[-2000:]
+        wait_for(lambda: holds(second)(lease_holder(kube, namespace)), 3 * LEASE_S, "the second to take over")
+        takeover_s = time.monotonic() - killed_at
+        wait_for(
+            lambda: all(reconciled(get_ftj(kube, namespace, n)) for n in names),
+            120,
+            "the new leader to finish every job",
+            describe=lambda: second.log_text()[-3000:],
+        )
+        # /healthz says which replica acts (kopf re-runs its probes at most every 10 s).
+        wait_for(lambda: second.health()["leader"] is True, 15, "the new leader's /healthz to say so")
+        context = f"killed with {invoked - succeeded} reconcile(s) in flight, {succeeded} done"
+        assert succeeded < RESTART_JOBS, context  # the premise: work was left for the new leader
+        assert takeover_s <= LEASE_S + 3, f"took over after {takeover_s:.1f}s"
+        assert_one_job_each(kube, core, namespace, names, jobs, context)
+        # One event per transition: none posted twice by the two replicas (kopf's own handler-log
+        # events, "Logging", repeat by design when a new leader resumes a job).
+        for name in names:
+            events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+            seen = [(e.reason, e.message, e.count or 1) for e in events.items if e.reason != "Logging"]
+            assert seen, name
+            assert len({(r, m) for r, m, _ in seen}) == len(seen), f"{name}: {seen}"
+            assert all(count == 1 for _, _, count in seen), f"{name}: {seen}"
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert "Traceback" not in second.log_text()
+    assert_session_operator_stayed_out(cluster, namespace)

@@ -27,6 +27,7 @@ OPERATOR_METRICS = {
     "finetune_job_phase",
     "finetune_operator_watch_staleness_seconds",
     "finetune_operator_sync_errors_total",
+    "finetune_operator_leader",
 }
 
 # Series names a prometheus_client metric type exposes, by constructor.

@@ -4,19 +4,19 @@ never stops the pass for the others."""
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from finetune_operator import handlers, metrics
+from finetune_operator.settings import OperatorSettings
 
 
-def item(name: str, phase: str | None, completed: bool = False) -> dict[str, Any]:
+def item(name: str, phase: str | None, completed: bool = False, namespace: str = "ns") -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase} if phase else {}
     if completed:
         status["completionTime"] = "2026-12-01T10:00:00Z"
-    return {"metadata": {"namespace": "ns", "name": name}, "status": status}
+    return {"metadata": {"namespace": namespace, "name": name}, "status": status}
 
 
 @pytest.mark.parametrize(
@@ -51,10 +51,12 @@ def test_one_failing_job_does_not_stop_the_pass(monkeypatch: pytest.MonkeyPatch)
         item("broken", "Training"),
         item("c", "Preparing"),
         item("d", "Succeeded", True),
+        item("trial", "Training", namespace="team-x-trial"),  # another operator's namespace
     ]
     kube = ListingKube(items, stop)
     monkeypatch.setitem(handlers._state, "kube", kube)
-    monkeypatch.setitem(handlers._state, "settings", SimpleNamespace(namespaces=(), heartbeat_namespace=""))
+    settings = OperatorSettings(skip_namespaces=("team-x-*",), heartbeat_namespace="")
+    monkeypatch.setitem(handlers._state, "settings", settings)
     synced: list[str] = []
 
     def sync(namespace: str, name: str) -> None:
@@ -65,7 +67,7 @@ def test_one_failing_job_does_not_stop_the_pass(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(handlers, "sync_status", sync)
     before = metrics.SYNC_ERRORS.labels("ns", "broken")._value.get()
     handlers.refresh_forever(stop, interval=0.01)
-    assert synced == ["a", "broken", "c"], "every unfinished job, none finished"
+    assert synced == ["a", "broken", "c"], "every unfinished job, none finished or skipped"
     assert metrics.SYNC_ERRORS.labels("ns", "broken")._value.get() == before + 1
     assert kube.lists == 1, "one listing per pass, shared with the fleet gauge"
     assert metrics.JOB_PHASE.labels("ns", "d", "Succeeded")._value.get() == 1
