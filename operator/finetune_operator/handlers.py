@@ -159,6 +159,7 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
     if preflight.refused:
         _refuse_preflight(body, namespace, name, generation, preflight)
         return
+
     def build(fresh: dict[str, Any]) -> dict[str, Any]:
         old = fresh.get("status") or {}
         patch = st.status_patch(
@@ -393,9 +394,10 @@ def _create_children(
     before_job: Callable[[], None],
 ) -> None:
     """Before launch, in creation order, the Job last (carrying the fingerprints of the spec it
-    launches with), `before_job` called right before it. Each child is created; one of that name that exists already is looked at: a
-    child of another FineTuneJob (one deleted a moment ago, whose children the garbage collector
-    has not removed yet) is never adopted, the job waits until it is gone; its own, left by an
+    launches with), `before_job` called right before it. Each child is created; one of that name
+    that exists already is looked at: a child of another FineTuneJob (one deleted a moment ago,
+    whose children the garbage collector has not removed yet) is never adopted, the job waits
+    until it is gone; its own, left by an
     earlier attempt that was refused, is brought up to date."""
     job = builders.JobRef.from_metadata(meta)
     children = builders.build_children(

@@ -15,6 +15,7 @@ leader picks up where this one stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -54,6 +55,33 @@ def leading(**_: Any) -> bool:
     return _acting.is_set()
 
 
+class Stop(threading.Event):
+    """One stop for the whole process, and for each kopf instance an asyncio.Event in its own loop
+    (kopf waits for any other kind of flag in an executor thread, which asyncio.run then waits for
+    forever at shutdown)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flags: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._guard = threading.Lock()
+
+    def set(self) -> None:
+        with self._guard:
+            super().set()
+            for loop, flag in self._flags:
+                with contextlib.suppress(RuntimeError):  # that loop has finished already
+                    loop.call_soon_threadsafe(flag.set)
+
+    def flag(self) -> asyncio.Event:
+        """An event of the running loop, set when the process stops."""
+        flag = asyncio.Event()
+        with self._guard:
+            if self.is_set():
+                flag.set()
+            self._flags.append((asyncio.get_running_loop(), flag))
+        return flag
+
+
 class _SignalsElsewhere(logging.Filter):
     """The serving instance runs in a thread; the process's signals are handled in the main thread."""
 
@@ -63,7 +91,7 @@ class _SignalsElsewhere(logging.Filter):
 
 def run(settings: OperatorSettings) -> int:
     """Serves, waits for the Lease if there is an election, then acts until stopped. Exit status."""
-    stop = threading.Event()
+    stop = Stop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # until kopf installs its own handlers
         signal.signal(sig, lambda *_: stop.set())
     if settings.metrics_port:
@@ -112,20 +140,22 @@ def _lost() -> None:
 
 
 def _run_kopf(
-    registry: kopf.OperatorRegistry, settings: OperatorSettings, stop: threading.Event, *, liveness: bool
+    registry: kopf.OperatorRegistry, settings: OperatorSettings, stop: Stop, *, liveness: bool
 ) -> int:
     endpoint = f"http://0.0.0.0:{settings.health_port}/healthz" if liveness and settings.health_port else None
-    try:
-        asyncio.run(
-            kopf.operator(
-                registry=registry,
-                standalone=True,
-                clusterwide=not settings.watched_namespaces(),
-                namespaces=settings.watched_namespaces(),
-                liveness_endpoint=endpoint,
-                stop_flag=stop,
-            )
+
+    async def operate() -> None:
+        await kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not settings.watched_namespaces(),
+            namespaces=settings.watched_namespaces(),
+            liveness_endpoint=endpoint,
+            stop_flag=stop.flag(),
         )
+
+    try:
+        asyncio.run(operate())
     except Exception:
         log.exception("the operator stopped on an error")
         return 1
@@ -140,7 +170,7 @@ class _Instance(threading.Thread):
         name: str,
         registry: kopf.OperatorRegistry,
         settings: OperatorSettings,
-        stop: threading.Event,
+        stop: Stop,
         *,
         liveness: bool,
     ) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -446,37 +446,39 @@ def test_restricted_namespace_admits_the_trainer_pods(namespaced: Stack) -> None
     suspend_job_resource(stack, STRICT, "strict")
 
 
-def test_upgrade_with_new_values_replaces_the_operator_pod(namespaced: Stack) -> None:
+def logged_at(log: str, phrase: str) -> datetime:
+    """When the operator logged a line containing `phrase` (its log lines start with the time)."""
+    for line in log.splitlines():
+        if phrase in line:
+            return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+    raise AssertionError(f"no {phrase!r} in the log: {log[-1500:]}")
+
+
+def test_upgrade_hands_the_lease_from_the_old_pod_to_the_new(namespaced: Stack) -> None:
     stack = namespaced
     old = running_operator(stack)
     assert _env(old)["FINETUNE_OPERATOR_LOG_LEVEL"] == "INFO"
 
-    # Recreate: the old pod is gone before the new one exists, so two operators never overlap.
-    most_alive, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            alive = [p for p in operator_pods(stack) if p.status.phase not in ("Succeeded", "Failed")]
-            most_alive[0] = max(most_alive[0], len(alive))
-            stop.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        result = stack.helm(
-            "upgrade", RELEASE, str(CHART), "--namespace", OPERATOR_NS, "--reuse-values",
-            "--set", "operator.logLevel=DEBUG", *port_values(), "--wait", "--timeout", "2m",
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        new = running_operator(stack)
-    finally:
-        stop.set()
-        sampler.join()
+    # A rolling update: the new pod starts while the old one still acts, and waits for the Lease.
+    result = stack.helm(
+        "upgrade", RELEASE, str(CHART), "--namespace", OPERATOR_NS, "--reuse-values",
+        "--set", "operator.logLevel=DEBUG", *port_values(), "--wait", "--timeout", "2m",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    new = running_operator(stack)
 
     assert new.metadata.uid != old.metadata.uid
     assert _env(new)["FINETUNE_OPERATOR_LOG_LEVEL"] == "DEBUG"
-    assert "log_level=DEBUG" in pod_log(stack.info.run_dir, OPERATOR_NS, new.metadata.name)
-    assert most_alive[0] == 1
+    new_log = pod_log(stack.info.run_dir, OPERATOR_NS, new.metadata.name)
+    old_log = pod_log(stack.info.run_dir, OPERATOR_NS, old.metadata.name)
+    assert "log_level=DEBUG" in new_log
+    waiting = logged_at(new_log, "waiting for the lease")
+    released = logged_at(old_log, "released the lease")
+    acquired = logged_at(new_log, "acquired the lease")
+    # The premise: both ran at once. Yet the new one acted only after the old one let go, and at
+    # once (handed over on its way out, not left to expire).
+    assert waiting < released <= acquired, (waiting, released, acquired)
+    assert (acquired - released).total_seconds() < 5
 
 
 def _env(pod: Any) -> dict[str, str]:
@@ -555,9 +557,13 @@ def test_cluster_wide_install_handles_jobs_in_any_namespace(stack: Stack, tmp_pa
     binding = rbac.read_cluster_role_binding(name)
     assert binding.role_ref.name == name
     assert [(s.name, s.namespace) for s in binding.subjects] == [(name, namespace)]
-    assert not rbac.list_role_binding_for_all_namespaces(
+    # Namespaced bindings: only the leader-election Lease's, in the release namespace.
+    bindings = rbac.list_role_binding_for_all_namespaces(
         label_selector=f"app.kubernetes.io/instance={release}"
-    ).items
+    )
+    assert [(b.metadata.namespace, b.metadata.name) for b in bindings.items] == [
+        (namespace, f"{name}-leader")
+    ]
 
     pod = running_operator(stack, namespace, release)
     kubectl = pod_kubectl(stack, pod, tmp_path)
