@@ -87,7 +87,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.INFO
     # The chart grants no access to CRDs cluster-wide; the resource is known, no scanning needed.
-    settings.scanning.disabled = True
+    # Skipped namespaces (globs) need it: kopf then lists and watches namespaces (and CRDs).
+    settings.scanning.disabled = not operator_settings.skip_namespaces
     _state["settings"] = operator_settings
     _state["kube"] = Kube(connect())
     stop = threading.Event()

@@ -23,7 +23,8 @@
   are scraped.
 - FINETUNE_OPERATOR_NAMESPACES (empty: all namespaces): comma-separated namespaces to watch.
 - FINETUNE_OPERATOR_SKIP_NAMESPACES (empty): with all namespaces watched, comma-separated namespaces
-  (globs such as `team-x-*`) left to another operator, for example one a team runs for a trial.
+  (globs such as `team-x-*`) left to another operator, for example one a team runs for a trial;
+  the operator then lists and watches namespaces and CRDs.
 - FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE (empty: off): namespace of the Lease that lets one
   replica act at a time (every replica serves the webhook); FINETUNE_OPERATOR_LEADER_ELECTION_LEASE
   (finetune-operator) names it, FINETUNE_OPERATOR_LEADER_ELECTION_SECONDS (15) is its duration: a
