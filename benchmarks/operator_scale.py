@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from urllib3.exceptions import ProtocolError
 from finetune_operator import api, builders, policy
 from finetune_operator.settings import OperatorSettings
 from localcluster import ClusterInfo, ClusterOptions, LocalCluster
-from localcluster.processes import free_port, port_open
+from localcluster.operators import start_operator
 from localcluster.testing import wait_for
 from localcluster.tools import REPO_ROOT, tool
 
@@ -162,24 +161,17 @@ def install_crd(info: ClusterInfo, kube: client.ApiClient) -> None:
 
 @contextlib.contextmanager
 def running_operator(info: ClusterInfo, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    health = free_port()
+    """The operator as the chart runs it: holding the leader Lease, so its cost is measured too."""
     env = {
-        **os.environ,
-        **info.env(),
         **SETTINGS_ENV,
         "FINETUNE_OPERATOR_METRICS_PORT": "0",
-        "FINETUNE_OPERATOR_HEALTH_PORT": str(health),
+        "FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE": "default",
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+    running = start_operator(info, log, env, pdeathsig="TERM")
     try:
-        wait_for(lambda: port_open(health), 60, "the operator's health endpoint")
-        yield process
+        yield running.process
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        running.stop()
 
 
 def namespace_with_secret(core: client.CoreV1Api, name: str) -> None:
