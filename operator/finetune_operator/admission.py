@@ -1,4 +1,5 @@
-"""The admission webhook that records who created a FineTuneJob (spec.userId, the trainer's USER_ID).
+"""The admission webhooks: who created a FineTuneJob (spec.userId, the trainer's USER_ID), and
+the spec of a launched job, which no longer changes but for spec.suspend.
 
 The API server sends every FineTuneJob CREATE here (a MutatingWebhookConfiguration installed by the
 chart). The requester's identity comes from the API server's authentication, so it cannot be
@@ -16,10 +17,11 @@ from typing import Any
 
 import kopf
 
-from finetune_operator import api
+from finetune_operator import api, launched
 
-# The webhook's URL path is the handler id: the chart's MutatingWebhookConfiguration names it.
+# The webhook's URL paths are the handler ids: the chart's webhook configurations name them.
 RECORD_USER = "record-user"
+LAUNCHED_SPEC = "launched-spec"
 
 
 class UserMismatchError(ValueError):
@@ -40,12 +42,15 @@ def recorded_user(spec_user: str | None, username: str) -> str:
 
 
 def serve(settings: kopf.OperatorSettings, registry: kopf.OperatorRegistry, port: int, cert_dir: str) -> None:
-    """Registers the handler with its server, at start-up: kopf refuses admission handlers that
-    have no server, and the webhook is optional (FINETUNE_OPERATOR_WEBHOOK_PORT=0). The chart owns
-    the MutatingWebhookConfiguration; kopf only serves it."""
+    """Registers the handlers with their server, at start-up: kopf refuses admission handlers that
+    have no server, and the webhooks are optional (FINETUNE_OPERATOR_WEBHOOK_PORT=0). The chart owns
+    the webhook configurations; kopf only serves them."""
     kopf.on.mutate(
         api.GROUP, api.VERSION, api.PLURAL, operations=["CREATE"], id=RECORD_USER, registry=registry
     )(record_user)
+    kopf.on.validate(
+        api.GROUP, api.VERSION, api.PLURAL, operations=["UPDATE"], id=LAUNCHED_SPEC, registry=registry
+    )(refuse_launched_edits)
     settings.admission.server = webhook_server(port, cert_dir)
     settings.admission.managed = None
 
@@ -60,6 +65,13 @@ def record_user(
     if spec.get("userId") != user:
         patch.spec["userId"] = user
         warnings.append(f"spec.userId recorded as {user!r} (the creating user)")
+
+
+def refuse_launched_edits(spec: kopf.Spec, **kwargs: Any) -> None:
+    # kopf passes the stored object as `old`; its typed handler protocol does not name it.
+    problem = launched.edit_refusal(kwargs.get("old"), spec)
+    if problem:
+        raise kopf.AdmissionError(problem, code=422)
 
 
 def webhook_server(port: int, cert_dir: str) -> kopf.WebhookServer:

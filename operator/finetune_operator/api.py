@@ -1253,6 +1253,11 @@ class FineTuneJobStatus(_Model):
     secrets_hash: Annotated[str, StringConstraints(max_length=128)] | None = Field(
         default=None, description="Hash of the referenced Secrets' versions the current pods started with."
     )
+    launch_time: datetime | None = Field(
+        default=None,
+        description="When the operator launched the job (created its Job); from then on only "
+        "spec.suspend applies.",
+    )
     start_time: datetime | None = Field(default=None, description="When the first pod started.")
     completion_time: datetime | None = Field(default=None, description="When the job finished.")
     observed_generation: Annotated[int, Field(ge=0)] | None = Field(

@@ -168,6 +168,7 @@ def _reconcile(body: dict[str, Any], meta: dict[str, Any], raw_spec: dict[str, A
             conditions=_preflight_conditions(old, preflight, generation),
             decision=preflight.decision,
             phase=Phase.SUSPENDED if spec.suspend else None,
+            launchTime=datetime.now(UTC),
         )
         if "phase" not in patch and not old.get("phase"):
             patch["phase"] = Phase.PENDING.value
@@ -216,9 +217,12 @@ def _reconcile_launched(body: dict[str, Any], raw_spec: Mapping[str, Any], job: 
             generation=generation,
             now=st.utcnow(),
         )
-        conditions = st.set_condition(list((fresh.get("status") or {}).get("conditions") or []), applied)
+        old = fresh.get("status") or {}
+        conditions = st.set_condition(list(old.get("conditions") or []), applied)
         phase = Phase.SUSPENDED if suspend and not finished else None
-        return st.status_patch(generation=generation, conditions=conditions, phase=phase)
+        # Jobs launched before status.launchTime existed get it from their Job.
+        since = {} if old.get("launchTime") else {"launchTime": job["metadata"].get("creationTimestamp")}
+        return st.status_patch(generation=generation, conditions=conditions, phase=phase, **since)
 
     _update_status(namespace, name, build)
 

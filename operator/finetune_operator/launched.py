@@ -64,13 +64,30 @@ def annotation(spec: Mapping[str, Any]) -> dict[str, str]:
     return {SPEC_ANNOTATION: json.dumps(fingerprints(spec), sort_keys=True, separators=(",", ":"))}
 
 
+FIX = (
+    "only spec.suspend may change once launched; fix: undo the change, or delete the job and "
+    "create it again with spec.resumeFrom: <status.checkpoint.uri> to continue from its last checkpoint"
+)
+
+
+def _shown(fields: list[str]) -> str:
+    return ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
+
+
 def change_message(fields: list[str]) -> str:
-    shown = ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
-    return (
-        f"{shown} changed after the job launched; the running job keeps the spec it started with "
-        "(only spec.suspend may change once launched; fix: undo the change, or delete the job and "
-        "create it again with spec.resumeFrom: <status.checkpoint.uri> to continue from its last checkpoint)"
-    )
+    kept = "the running job keeps the spec it started with"
+    return f"{_shown(fields)} changed after the job launched; {kept} ({FIX})"
+
+
+def edit_refusal(old: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> str | None:
+    """Why an update of a FineTuneJob is refused at admission: it launched (status.launchTime) and
+    a field other than spec.suspend changed. None when the update may go ahead."""
+    if not old or not (old.get("status") or {}).get("launchTime"):
+        return None  # not launched yet (or refused before launch): the change is what fixes it
+    changed = changed_fields(fingerprints(old.get("spec") or {}), spec)
+    if not changed:
+        return None
+    return f"{_shown(changed)} cannot change: the job launched with the spec it has ({FIX})"
 
 
 # ---------------------------------------------------------------------------------------------

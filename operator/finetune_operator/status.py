@@ -422,7 +422,7 @@ def status_patch(
         fields["method"] = method_status(decision)
     if message is not None:
         fields["message"] = _clip(message, MAX_MESSAGE)
-    for key in ("startTime", "completionTime"):
+    for key in ("launchTime", "startTime", "completionTime"):
         if isinstance(fields.get(key), datetime):
             fields[key] = _timestamp(fields[key])
     return _dump(api.FineTuneJobStatus.model_validate(fields))

@@ -478,9 +478,25 @@ def test_webhook_records_creators_of_the_release_s_namespaces(render: Render) ->
     assert "namespaceSelector" not in webhook_config(render())  # cluster-wide: every namespace
 
 
+def test_launched_specs_are_guarded_by_a_validating_webhook(render: Render) -> None:
+    objects = render(sets=["operator.namespaces={team-a}"])
+    (hook,) = one(objects, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["rules"][0]["operations"] == ["UPDATE"] and hook["rules"][0]["resources"] == ["finetunejobs"]
+    assert hook["clientConfig"]["service"]["path"] == "/launched-spec"
+    assert hook["clientConfig"]["caBundle"] == one(objects, "Secret")["data"]["ca.crt"]
+    assert hook["namespaceSelector"] == webhook_config(objects)["namespaceSelector"]
+    # The operator's own writes (annotations, status) never wait for the webhook.
+    conditions = {c["name"]: c["expression"] for c in hook["matchConditions"]}
+    assert conditions == {
+        "launched": "has(oldObject.status) && has(oldObject.status.launchTime)",
+        "spec-changed": "object.spec != oldObject.spec",
+    }
+
+
 def test_webhook_can_be_reached_by_host_or_turned_off(render: Render) -> None:
     by_host = webhook_config(render(sets=["webhook.host=127.0.0.1", "webhook.port=9555"]))
     assert by_host["clientConfig"]["url"] == "https://127.0.0.1:9555/record-user"
     off = render(sets=["webhook.enabled=false"])
     assert not of_kind(off, "MutatingWebhookConfiguration") and not of_kind(off, "Secret")
+    assert not of_kind(off, "ValidatingWebhookConfiguration")
     assert env_of(off)["FINETUNE_OPERATOR_WEBHOOK_PORT"] == "0"

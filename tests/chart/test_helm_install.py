@@ -6,6 +6,7 @@ These tests run in order on a cluster of their own, so no other operator touches
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -411,6 +412,36 @@ def test_the_webhook_records_the_creating_user(namespaced: Stack, tmp_path: Path
     custom(stack).delete_namespaced_custom_object(GROUP, VERSION, TEAM, PLURAL, "alices")
 
 
+def test_an_edit_of_a_launched_job_is_refused_at_apply_time(namespaced: Stack) -> None:
+    stack = namespaced
+    create_example_job(stack, TEAM, "launched", suspend=True)
+    wait_for_training_job(stack, TEAM, "launched")
+    launch = wait_for(
+        lambda: (get_job_resource(stack, TEAM, "launched").get("status") or {}).get("launchTime"),
+        30,
+        "status.launchTime",
+    )
+    rate = get_job_resource(stack, TEAM, "launched")["spec"]["hyperparameters"]["learningRate"]
+
+    def patch(body: dict[str, Any]) -> None:
+        custom(stack).patch_namespaced_custom_object(GROUP, VERSION, TEAM, PLURAL, "launched", body)
+
+    with pytest.raises(ApiException) as refused:
+        patch({"spec": {"hyperparameters": {"learningRate": rate * 10}}})
+    message = json.loads(refused.value.body)["message"]
+    assert refused.value.status == 422, message
+    assert "launched-spec.finetune.dev" in message and "denied the request" in message
+    assert "spec.hyperparameters.learningRate cannot change" in message
+    assert "only spec.suspend may change once launched; fix:" in message
+    assert get_job_resource(stack, TEAM, "launched")["spec"]["hyperparameters"]["learningRate"] == rate
+    # What may change still does: labels (the operator's own writes are like these) and suspend.
+    patch({"metadata": {"labels": {"team": "a"}}})
+    patch({"spec": {"suspend": False}})
+    patch({"spec": {"suspend": True}})
+    assert get_job_resource(stack, TEAM, "launched")["status"]["launchTime"] == launch
+    custom(stack).delete_namespaced_custom_object(GROUP, VERSION, TEAM, PLURAL, "launched")
+
+
 def create_as_alice(stack: Stack, tmp_path: Path, name: str, **spec: Any) -> subprocess.CompletedProcess[str]:
     body = yaml.safe_load(EXAMPLE_JOB.read_text().replace("${S3_ENDPOINT}", stack.info.s3_endpoint))
     manifest = tmp_path / f"{name}.yaml"
@@ -492,7 +523,9 @@ def test_uninstall_removes_everything_but_the_crd_and_the_jobs(namespaced: Stack
         found: list[str] = []
         for args in (
             [RELEASE_KINDS, "--all-namespaces"],
-            ["clusterroles,clusterrolebindings,mutatingwebhookconfigurations"],
+            [
+                "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,validatingwebhookconfigurations"
+            ],
         ):
             result = stack.kubectl("get", *args, "-l", RELEASE_SELECTOR, "-o", "name")
             assert result.returncode == 0, result.stderr
@@ -511,6 +544,7 @@ def test_uninstall_removes_everything_but_the_crd_and_the_jobs(namespaced: Stack
         "clusterrolebinding",
         "secret",
         "mutatingwebhookconfiguration",
+        "validatingwebhookconfiguration",
     }
 
     result = stack.helm("uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait", "--timeout", "2m")

@@ -53,6 +53,34 @@ def test_changed_fields_name_what_differs_from_the_launch(spec: dict[str, Any], 
     assert launched.changed_fields(recorded, spec) == changed
 
 
+LAUNCHED = {"spec": SPEC, "status": {"launchTime": "2026-12-01T10:00:00Z", "method": {"type": "lora"}}}
+REFUSED_BEFORE_LAUNCH = {"spec": SPEC, "status": {"phase": "Failed", "method": {"type": "lora"}}}
+
+
+@pytest.mark.parametrize(
+    ("old", "spec", "refused"),
+    [
+        (LAUNCHED, edited("suspend", True), None),  # suspend is the one field that applies
+        (LAUNCHED, SPEC, None),  # metadata-only updates
+        (LAUNCHED, edited("hyperparameters.learningRate", 0.001), "spec.hyperparameters.learningRate"),
+        (LAUNCHED, edited("env", [{"name": "A", "value": "b"}]), "spec.env"),
+        # Before launch, or refused before launch, an edit is how the user fixes the job.
+        ({"spec": SPEC}, edited("hyperparameters.learningRate", 0.001), None),
+        (REFUSED_BEFORE_LAUNCH, edited("hyperparameters.learningRate", 0.001), None),
+        (None, SPEC, None),
+    ],
+)
+def test_edits_of_a_launched_spec_are_refused_at_admission(
+    old: dict[str, Any] | None, spec: dict[str, Any], refused: str | None
+) -> None:
+    problem = launched.edit_refusal(old, spec)
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem is not None and problem.startswith(f"{refused} cannot change")
+        assert "only spec.suspend may change once launched; fix:" in problem
+
+
 def test_the_record_is_small_and_holds_no_values() -> None:
     spec = edited("env", [{"name": "OPENAI_API_KEY", "value": "sk-canary-value"}])
     text = launched.annotation(spec)[launched.SPEC_ANNOTATION]
