@@ -18,7 +18,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -590,6 +590,15 @@ def watch_jobs(kube: client.ApiClient, namespace: str) -> JobWatch:
     return JobWatch(events, stopper, thread)
 
 
+@pytest.fixture
+def jobs(kube: client.ApiClient, core: client.CoreV1Api, solo_namespace: str) -> Iterator[JobWatch]:
+    """The solo namespace with the jobs' Secret, and a watch of its Jobs from before the test acts."""
+    create_secrets(core, solo_namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
+    watched = watch_jobs(kube, solo_namespace)
+    yield watched
+    watched.stopper.stop()
+
+
 class SilentHub:
     """A model hub that accepts connections and never answers: an operator asking it for a model's
     size is held inside its reconcile until the test lets go (or the lookup times out)."""
@@ -673,11 +682,10 @@ def test_operator_killed_mid_reconcile_and_restarted_creates_no_duplicate_job(
     cluster: ClusterInfo,
     crd: None,
     solo_namespace: str,
+    jobs: JobWatch,
     tmp_path: Path,
 ) -> None:
     namespace = solo_namespace
-    create_secrets(core, namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
-    jobs = watch_jobs(kube, namespace)
     hub = SilentHub()
     first = start_operator(
         cluster,
@@ -758,11 +766,10 @@ def test_two_replicas_one_acts_and_the_other_takes_over_when_it_is_killed(
     cluster: ClusterInfo,
     crd: None,
     solo_namespace: str,
+    jobs: JobWatch,
     tmp_path: Path,
 ) -> None:
     namespace = solo_namespace
-    create_secrets(core, namespace, {"s3-creds": {"accessKeyId", "secretAccessKey"}})
-    jobs = watch_jobs(kube, namespace)
     env = scoped_env(
         namespace,
         FINETUNE_OPERATOR_LEADER_ELECTION_NAMESPACE=namespace,
